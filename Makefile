@@ -1,0 +1,25 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# torchattacks is a benchmark/oracle dependency only; --no-deps: it lists torchvision, which we never import
+	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
+	touch $(STAMP)
+
+.PHONY: install demo test lint
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qrobust demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,54 @@
+"""The ``qrobust`` command line. Each sub-module adds its commands to ``app``.
+
+``main(argv) -> int`` never raises for user errors: they print one ``error: ...`` line on
+stderr and return 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from qrobust.errors import QrobustError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Adversarial robustness of quantized neural networks.")
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only.")) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _register_commands() -> None:
+    from qrobust.cli import data_cmds, train_cmds  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_commands()
+    try:
+        result = app(args=argv, prog_name="qrobust", standalone_mode=False)
+    except QrobustError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except typer.Exit as err:
+        return err.exit_code
+    except typer.TyperException as err:  # usage errors: typer prints usage and the problem
+        show = getattr(err, "show", None)
+        show() if show else print(f"error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def run() -> None:  # console-script entry point
+    sys.exit(main())
