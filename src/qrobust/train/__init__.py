@@ -11,4 +11,7 @@ from qrobust.train.loop import (
     train,
 )
 
-__all__ = ["Fitted", "fit", "model_spec", "LossTerm", "TrainConfig", "TrainResult", "accuracy", "default_config", "predict", "train"]
+__all__ = [
+    "Fitted", "LossTerm", "TrainConfig", "TrainResult", "accuracy", "default_config", "fit",
+    "model_spec", "predict", "train",
+]

@@ -1,0 +1,62 @@
+import gzip
+from pathlib import Path
+
+import pytest
+
+from qrobust.cli import main
+
+
+def test_train_then_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["-q", "train", "--model", "mlp", "--data", "digits", "--epochs", "2",
+                 "--out", str(out)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["-q", "eval", "--ckpt", str(out), "--json"]) == 0
+    assert '"accuracy"' in capsys.readouterr().out
+
+
+def test_datasets_lists_every_dataset(capsys):
+    assert main(["datasets"]) == 0
+    text = capsys.readouterr().out
+    for name in ("digits", "mnist", "fashion-mnist", "cifar10", "svhn"):
+        assert name in text
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys, monkeypatch):
+    from qrobust.data import sources
+
+    monkeypatch.setattr(sources, "search_roots", lambda d: [Path(d)] if d else [])
+    out = tmp_path / "out"
+    # missing dataset
+    assert main(["train", "--model", "mlp", "--data", "svhn", "--data-dir", str(tmp_path),
+                 "--out", str(out)]) == 2
+    assert "not found" in one_line_error(capsys)
+    # truncated idx file
+    (tmp_path / "mnist").mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / "mnist" / name).write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 9))
+    assert main(["train", "--model", "mlp", "--data", "mnist", "--data-dir", str(tmp_path),
+                 "--out", str(out), "--no-verify"]) == 2
+    assert "truncated" in one_line_error(capsys)
+    # the same files fail their checksum when verified
+    assert main(["train", "--model", "mlp", "--data", "mnist", "--data-dir", str(tmp_path),
+                 "--out", str(out)]) == 2
+    assert "expected" in one_line_error(capsys)
+    # unknown model
+    assert main(["train", "--model", "vgg", "--data", "digits", "--out", str(out)]) == 2
+    assert "unknown model 'vgg'" in one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("payload", [b"not a checkpoint", b"\x80\x04\x95garbage"])
+def test_eval_rejects_non_checkpoints(tmp_path, capsys, payload):
+    (tmp_path / "model.safetensors").write_bytes(payload)
+    assert main(["eval", "--ckpt", str(tmp_path)]) == 2
+    assert "not a safetensors checkpoint" in one_line_error(capsys)
