@@ -60,3 +60,18 @@ def test_eval_rejects_non_checkpoints(tmp_path, capsys, payload):
     (tmp_path / "model.safetensors").write_bytes(payload)
     assert main(["eval", "--ckpt", str(tmp_path)]) == 2
     assert "not a safetensors checkpoint" in one_line_error(capsys)
+
+
+def test_fine_tune_from_a_checkpoint(tmp_path):
+    import json
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["-q", "train", "--model", "mlp", "--data", "digits", "--epochs", "3", "--out", str(first)]) == 0
+    assert main(["-q", "train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--lr", "1e-4",
+                 "--init", str(first), "--out", str(second)]) == 0
+    a, b = (json.loads((p / "meta.json").read_text()) for p in (first, second))
+    assert b["init_from"] == str(first)
+    # a tiny learning rate keeps the fine-tuned model close to where it started
+    assert abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"]) < 0.05
+    assert main(["-q", "train", "--model", "small-cnn", "--data", "digits", "--epochs", "1",
+                 "--init", str(first), "--out", str(tmp_path / "c")]) == 2

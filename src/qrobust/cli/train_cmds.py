@@ -27,6 +27,7 @@ def train_cmd(
     noise_sigma: float = typer.Option(None, "--noise-sigma", help="Gaussian augmentation sigma."),
     patience: int = typer.Option(None, "--patience", help="Early-stopping patience (epochs)."),
     seed: int = typer.Option(0, "--seed"),
+    init: str = typer.Option(None, "--init", help="Start from this checkpoint's weights (fine-tune)."),
     data_dir: str = DataDir, download: bool = Download, no_verify: bool = NoVerify,
 ) -> None:
     """Train a model and save it (safetensors + metadata) with its test accuracy."""
@@ -40,7 +41,10 @@ def train_cmd(
     cfg = default_config(model, ds.name, epochs=epochs, lr=lr, batch_size=batch_size,
                          optimizer=optimizer, schedule=schedule, noise_sigma=noise_sigma,
                          patience=patience, seed=seed)
-    fitted = fit(model, ds, cfg, dropout=dropout)
+    start = load_checkpoint(init, expect_arch=model)[0].train() if init else None
+    fitted = fit(model, ds, cfg, dropout=dropout, model=start)
+    if init:
+        fitted.meta["init_from"] = init
     save_checkpoint(out, fitted.model, fitted.meta)
     m = fitted.meta["metrics"]
     typer.echo(f"{model} on {ds.name}: test accuracy {m['test_acc']:.4f} (n={m['n_test']}), "
