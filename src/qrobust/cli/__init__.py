@@ -25,7 +25,16 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 
 def _register_commands() -> None:
-    from qrobust.cli import data_cmds, train_cmds  # noqa: F401
+    # each module adds its commands to ``app`` when imported
+    from qrobust.cli import (  # noqa: F401
+        attack_cmds,
+        certify_cmds,
+        data_cmds,
+        defense_cmds,
+        quant_cmds,
+        study_cmds,
+        train_cmds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,184 @@
+"""Certification speed and certified accuracy: float smoothing vs integer-only smoothing.
+
+Three certifiers on the same checkpoint, the same test images and the same n0 / n / alpha:
+
+* ``reference_fp32``: a straightforward Cohen-style fp32 loop written here independently
+  (per image: repeat the image, add sigma * randn, run the float model, bincount; the
+  Clopper-Pearson bound from scipy's beta quantile), as in locuslab/smoothing core.py;
+* ``ours_float``: :class:`qrobust.certify.Smoothed` with :class:`GaussianNoise`;
+* ``ours_integer``: :class:`Smoothed` with :class:`IntegerNoise` (exact discrete-Gaussian
+  noise table, pixel codes, the ONNX Runtime int8 IntegerModel of the w8a8 twin);
+* ``ours_float_twin`` (with ``--twin``): float smoothing of the fake-quant twin, to tell the
+  accuracy cost of quantization from that of the integer noise and radius.
+
+Timing includes noise generation and the n0 selection pass. The methods run interleaved,
+image by image (one image with every method, then the next), so a shared, noisy machine
+slows them alike; the JSON reports total seconds, images/s, the median per-image time and
+the ratios of medians and of totals, plus certified accuracy at radii 0, 0.25, 0.5, 0.75.
+
+    .venv/bin/python benchmarks/certify_speed.py --ckpt benchmarks/models/resnet20-cifar10 \\
+        --n 10000 --limit 100 --sigma 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import beta, norm
+
+RADII = (0.0, 0.25, 0.5, 0.75)
+
+
+def reference_certify(model, x, sigma, n0, n, alpha, batch, num_classes, generator):
+    """Cohen et al.'s CERTIFY for one image x (1, C, H, W), fp32, straightforwardly."""
+
+    def sample(num):
+        counts = np.zeros(num_classes, dtype=np.int64)
+        remaining = num
+        with torch.no_grad():
+            while remaining > 0:
+                this = min(batch, remaining)
+                remaining -= this
+                rep = x.repeat((this, 1, 1, 1))
+                noise = torch.randn(rep.shape, generator=generator) * sigma
+                pred = model(rep + noise).argmax(1)
+                counts += np.bincount(pred.numpy(), minlength=num_classes)
+        return counts
+
+    c_a = int(sample(n0).argmax())
+    n_a = int(sample(n)[c_a])
+    p_a = beta.ppf(alpha, n_a, n - n_a + 1) if n_a > 0 else 0.0
+    if p_a < 0.5:
+        return None, 0.0
+    return c_a, sigma * norm.ppf(p_a)
+
+
+def certified(results, labels):
+    m = len(labels)
+    return {f"{r:g}": sum(c == y and rad >= r for (c, rad), y in zip(results, labels, strict=True))
+            / m for r in RADII}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", default="runs/digits-cnn-noise025")
+    parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--recipe", default="w8a8")
+    parser.add_argument("--backend", default="onnx")
+    parser.add_argument("--noise", default="discrete-gaussian",
+                        help="integer noise: discrete-gaussian or rounded-gaussian")
+    parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
+    parser.add_argument("--twin", action="store_true",
+                        help="also float-smooth the fake-quant twin (separates the effect of "
+                             "quantization from that of the integer noise on accuracy)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="benchmarks/results/certify_speed.json")
+    args = parser.parse_args(argv)
+
+    from qrobust.certify import GaussianNoise, IntegerNoise, Smoothed
+    from qrobust.checkpoint import load_checkpoint
+    from qrobust.cli.certify_cmds import image_generator, select_indices
+    from qrobust.data import load_dataset, take
+    from qrobust.quant import quantize, to_integer
+
+    torch.set_num_threads(args.threads)
+    model, meta = load_checkpoint(args.ckpt)
+    ds = load_dataset(meta["dataset"], args.data_dir)
+    twin = quantize(model, args.recipe, calib=take(ds.train, 512, seed=1).tensors()[0])
+    int_model = to_integer(twin, backend=args.backend, input_shape=ds.input_shape,
+                           **({"threads": args.threads} if args.backend == "onnx" else {}))
+    x_all, y_all = ds.test.tensors()
+    idx = select_indices(len(y_all), args.limit)
+    k = ds.num_classes
+    ours_f = Smoothed(GaussianNoise(model, args.sigma), k, batch_size=args.batch_size)
+    ours_i = Smoothed(IntegerNoise(int_model, args.sigma, kind=args.noise), k,
+                      batch_size=args.batch_size)
+
+    def run_ours(sm):
+        def go(x, g):
+            c = sm.certify(x, args.n0, args.n, args.alpha, g)[0]
+            return c.label, c.radius
+        return go
+
+    methods = {
+        "reference_fp32": lambda x, g: reference_certify(model, x, args.sigma, args.n0, args.n,
+                                                         args.alpha, args.batch_size, k, g),
+        "ours_float": run_ours(ours_f),
+        "ours_integer": run_ours(ours_i),
+    }
+    if args.twin:
+        methods["ours_float_twin"] = run_ours(Smoothed(GaussianNoise(twin, args.sigma), k,
+                                                       batch_size=args.batch_size))
+    # warm-up (ONNX session, allocator) outside the timings
+    for fn in methods.values():
+        fn(x_all[:1], torch.Generator().manual_seed(0))
+    times = {m: [] for m in methods}
+    results = {m: [] for m in methods}
+    for i in idx.tolist():
+        x = x_all[i:i + 1]
+        for name, fn in methods.items():
+            g = image_generator(args.seed, i)
+            start = time.perf_counter()
+            results[name].append(fn(x, g))
+            times[name].append(time.perf_counter() - start)
+    labels = y_all[idx].tolist()
+    report = {}
+    for name in methods:
+        total = sum(times[name])
+        report[name] = {"seconds": total, "images_per_s": len(idx) / total,
+                        "median_s_per_image": statistics.median(times[name]),
+                        "certified_accuracy": certified(results[name], labels),
+                        "abstain_rate": sum(c is None for c, _ in results[name]) / len(idx)}
+    ratio = {}
+    for base in ("reference_fp32", "ours_float"):
+        ratio[f"ours_integer_vs_{base}"] = {
+            "speedup_of_medians": report[base]["median_s_per_image"]
+            / report["ours_integer"]["median_s_per_image"],
+            "speedup_of_totals": report[base]["seconds"] / report["ours_integer"]["seconds"],
+            "certified_accuracy_diff_points": {
+                r: 100 * (report["ours_integer"]["certified_accuracy"][r]
+                          - report[base]["certified_accuracy"][r])
+                for r in report[base]["certified_accuracy"]},
+        }
+    eta = ours_i.noisy.eta(tuple(ds.input_shape))
+    out = {"benchmark": "certify_speed", "command": " ".join([Path(sys.argv[0]).name, *(argv or
+                                                                                    sys.argv[1:])]),
+           "ckpt": args.ckpt, "dataset": ds.name, "arch": meta["model"]["arch"],
+           "images": len(idx), "sigma": args.sigma, "n0": args.n0, "n": args.n,
+           "alpha": args.alpha, "batch_size": args.batch_size, "threads": args.threads,
+           "recipe": args.recipe, "backend": args.backend, "integer_noise": args.noise,
+           "integer_radius_eta": eta, "methods": report, "ratios": ratio,
+           "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                       "cpu_count": torch.get_num_threads()},
+           "note": "times include noise generation and the n0 pass; methods interleaved per "
+                   "image on a shared machine"}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    res = main()
+    for name, r in res["methods"].items():
+        acc = " ".join(f"{k}:{v:.3f}" for k, v in r["certified_accuracy"].items())
+        print(f"{name:15s} {r['images_per_s']:8.3f} img/s  median {r['median_s_per_image']:.3f}s"
+              f"  cert acc {acc}")
+    for name, r in res["ratios"].items():
+        print(f"{name}: x{r['speedup_of_medians']:.2f} (medians), x{r['speedup_of_totals']:.2f}"
+              f" (totals), acc diff {r['certified_accuracy_diff_points']}")
+    print(f"integer radius eta = {res['integer_radius_eta']:.3g}")

@@ -1,0 +1,204 @@
+"""Images/s at batch 256 for small-cnn (MNIST) and resnet20 (CIFAR-10): torch fp32, ORT fp32,
+ORT int8 (w8a8 twin exported with its own scales) and the reference integer executor, plus
+this CPU's int8 GEMM throughput (ORT MatMulInteger, torch._int_mm) for comparison.
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/int8_inference.py [--threads 1]
+
+Backends are timed round-robin (one batch each per round) so that they share the machine's
+load; medians over rounds. Speed does not depend on weight values: when a trained checkpoint
+is missing, a randomly initialised model (calibrated on random images) is used and the JSON
+says so. Writes benchmarks/results/int8_inference.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from qrobust.checkpoint import load_checkpoint
+from qrobust.integer.base import pixel_codes
+from qrobust.integer.onnx import export_int8, float_model_proto, session
+from qrobust.integer.program import ConvOp, LinearOp, lower
+from qrobust.integer.reference import ReferenceIntegerModel
+from qrobust.models import ModelSpec, build_model
+from qrobust.provenance import provenance
+from qrobust.quant import quantize
+
+RESULTS = Path(__file__).parent / "results" / "int8_inference.json"
+MODELS = {"small-cnn": ("benchmarks/models/small-cnn-mnist", (1, 28, 28), "mnist"),
+          "resnet20": ("benchmarks/models/resnet20-cifar10", (3, 32, 32), "cifar10")}
+
+
+def load_or_random(arch: str) -> tuple[torch.nn.Module, tuple[int, int, int], str, torch.Tensor]:
+    path, shape, dataset = MODELS[arch]
+    gen = torch.Generator().manual_seed(0)
+    if (Path(path) / "model.safetensors").is_file():
+        model, _ = load_checkpoint(path)
+        source = f"trained checkpoint {path}"
+        try:
+            from qrobust.data import load_dataset, take
+
+            calib = take(load_dataset(dataset).test, 512).tensors()[0]
+        except Exception:  # noqa: BLE001 - the data may be absent; speed does not need it
+            calib = torch.rand(512, *shape, generator=gen)
+    else:
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(arch, shape, 10, mean=(0.5,) * shape[0],
+                                      std=(0.25,) * shape[0])).eval()
+        source = "randomly initialised (trained checkpoint absent; speed does not depend on weights)"
+        calib = torch.rand(512, *shape, generator=gen)
+    return model.eval(), shape, source, calib
+
+
+def macs_per_image(program, spatial: dict[str, int]) -> int:
+    """Multiply-accumulates of the conv/linear layers for one image."""
+    total = 0
+    for op in program.ops:
+        if isinstance(op, LinearOp):
+            total += op.weight.numel()
+        elif isinstance(op, ConvOp):
+            total += op.weight.numel() * spatial[op.out]
+    return total
+
+
+def conv_spatial(twin, shape) -> dict[str, int]:
+    """Output H*W of every conv node (from one traced run)."""
+    sizes: dict[str, int] = {}
+    hooks = []
+    for node in twin.graph.nodes:
+        if node.op == "call_module" and isinstance(twin.get_submodule(node.target),
+                                                     torch.nn.Conv2d):
+            m = twin.get_submodule(node.target)
+            hooks.append(m.register_forward_hook(
+                lambda mod, i, o, key=node.name: sizes.__setitem__(key, o.shape[-1] * o.shape[-2])))
+    with torch.no_grad():
+        twin(torch.zeros(1, *shape))
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+def gemm_peak(threads: int, rounds: int) -> dict:
+    """int8 and fp32 GEMM throughput (GMAC/s) of this CPU: M=4096, K=N=1024."""
+    m, k, n = 4096, 1024, 1024
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    b = rng.integers(-127, 128, (k, n), dtype=np.int8)
+
+    def graph(op: str, ta: int, tb: int) -> onnx.ModelProto:
+        inputs = [helper.make_tensor_value_info("a", ta, [m, k])]
+        inits = [helper.make_tensor("b", tb, [k, n], b.astype(
+            np.float32 if tb == TensorProto.FLOAT else np.int8).tobytes(), raw=True)]
+        out_t = TensorProto.INT32 if op == "MatMulInteger" else TensorProto.FLOAT
+        g = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "gemm", inputs,
+                              [helper.make_tensor_value_info("y", out_t, [m, n])], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return model
+
+    s_int = session(graph("MatMulInteger", TensorProto.UINT8, TensorProto.INT8), threads)
+    s_f32 = session(graph("MatMul", TensorProto.FLOAT, TensorProto.FLOAT), threads)
+    af = a.astype(np.float32)
+    ta, tb = torch.from_numpy(a.astype(np.int16) - 128).to(torch.int8), torch.from_numpy(b)
+    runs = {"ort_matmulinteger_u8s8": lambda: s_int.run(None, {"a": a}),
+            "ort_matmul_fp32": lambda: s_f32.run(None, {"a": af}),
+            "torch_int_mm_s8s8": lambda: torch._int_mm(ta, tb)}
+    times = timed_round_robin(runs, rounds)
+    return {name: {"median_s": t, "gmac_per_s": m * k * n / t / 1e9} for name, t in times.items()}
+
+
+def timed_round_robin(runs: dict[str, Callable[[], object]], rounds: int,
+                      slow: dict[str, int] | None = None) -> dict[str, float]:
+    """Median seconds of each callable; one call of each per round (warm-up call first)."""
+    slow = slow or {}
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for r in range(rounds):
+        for name, fn in runs.items():
+            if r >= slow.get(name, rounds):
+                continue
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: int) -> dict:
+    model, shape, source, calib = load_or_random(arch)
+    twin = quantize(model, "w8a8", calib)
+    program = lower(twin, shape)
+    spatial = conv_spatial(twin, shape)
+    x = calib[:batch] if len(calib) >= batch else torch.rand(batch, *shape)
+    x = torch.cat([x] * (-(-batch // len(x))))[:batch]
+    codes = pixel_codes(x)
+    u8 = codes.to(torch.uint8).numpy()
+    xf = x.numpy()
+    ort_int8 = session(export_int8(program), threads)
+    ort_fp32 = session(float_model_proto(program), threads)
+    reference = ReferenceIntegerModel(twin, shape, chunk=batch)
+    runs = {
+        "torch_fp32": lambda: _no_grad(model, x),
+        "ort_fp32": lambda: ort_fp32.run(["logits"], {"x": xf}),
+        "ort_int8": lambda: ort_int8.run(["logits"], {"pixels": u8}),
+        "reference_int": lambda: reference.forward_pixels(codes),
+    }
+    med = timed_round_robin(runs, rounds, slow={"reference_int": ref_rounds})
+    macs = macs_per_image(program, spatial)
+    ips = {k: batch / v for k, v in med.items()}
+    agree = float((torch.from_numpy(ort_int8.run(["logits"], {"pixels": u8})[0]).argmax(1)
+                   == reference.forward_pixels(codes).argmax(1)).float().mean())
+    return {"model": arch, "input_shape": list(shape), "weights": source, "batch": batch,
+            "median_seconds_per_batch": med, "images_per_s": ips,
+            "int8_over_ort_fp32": ips["ort_int8"] / ips["ort_fp32"],
+            "int8_over_torch_fp32": ips["ort_int8"] / ips["torch_fp32"],
+            "macs_per_image": macs,
+            "ort_int8_gmac_per_s": macs * ips["ort_int8"] / 1e9,
+            "ort_fp32_gmac_per_s": macs * ips["ort_fp32"] / 1e9,
+            "ort_int8_vs_reference_prediction_agreement": agree}
+
+
+def _no_grad(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--ref-rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", default="small-cnn,resnet20")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    peak = gemm_peak(args.threads, args.rounds)
+    rows = [bench_model(a, args.batch, args.rounds, args.threads, args.ref_rounds)
+            for a in args.models.split(",")]
+    int8_peak = peak["ort_matmulinteger_u8s8"]["gmac_per_s"]
+    for row in rows:
+        row["ort_int8_fraction_of_int8_gemm_peak"] = row["ort_int8_gmac_per_s"] / int8_peak
+    out = {"benchmark": "int8_inference", "threads": args.threads, "rounds": args.rounds,
+           "recipe": "w8a8 (per-channel symmetric int8 weights, uint8 activations)",
+           "command": f"OMP_NUM_THREADS={args.threads} nice -n 10 .venv/bin/python "
+                      f"benchmarks/int8_inference.py --threads {args.threads}",
+           "cpu_int8_gemm": peak, "models": rows, "target_int8_over_ort_fp32": 2.5,
+           "note": "medians of round-robin rounds on a shared, loaded 2-core machine",
+           **provenance()}
+    target = Path(args.out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

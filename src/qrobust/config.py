@@ -1,0 +1,292 @@
+"""Experiment (study) configs: YAML in, validated frozen pydantic models out.
+
+A study is the grid models x recipes x defenses x attacks x eps x seeds evaluated on the
+first ``data.n_test`` points of a fixed permutation of a test set. Every error names the bad
+field and fits on one line, e.g.::
+
+    study.yaml: attacks[1].eps[0]: eps must be >= 0, got -0.1
+
+Example (``qrobust demo`` writes one like it)::
+
+    name: demo
+    data: {dataset: digits, n_test: 200}
+    models:
+      - {name: cnn, arch: small-cnn, train: {epochs: 10}}
+      - {name: mnist-cnn, checkpoint: benchmarks/models/small-cnn-mnist}
+    recipes: [fp32, w8a8, w4a4, w2a2]
+    defenses: [none, {name: median, params: {size: 3}}]
+    attacks:
+      - {name: fgsm, eps: [0, 2/255, 8/255]}
+      - {name: pgd, norm: linf, eps: [2/255, 8/255], params: {steps: 10}}
+    seeds: [0]
+
+Relative checkpoint paths are looked up from the current directory, then from the YAML
+file's directory. eps values may be written as fractions ("8/255").
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from qrobust.errors import ConfigError
+
+FLOAT_RECIPES = ("fp32", "float")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Which test points: the first ``n_test`` of a permutation seeded by ``sample_seed``."""
+
+    dataset: str = "digits"
+    n_test: int = Field(500, ge=1)
+    sample_seed: int = 0
+    data_dir: str | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from qrobust.data import dataset_names
+
+        if v.endswith(".npz") or v in dataset_names():
+            return v
+        raise ValueError(f"unknown dataset '{v}'; valid: {', '.join(dataset_names())} or an .npz file")
+
+
+class ModelConfig(_Strict):
+    """Either ``arch`` (trained for the study with ``train`` overrides of
+    ``qrobust.train.default_config``) or ``checkpoint`` (a saved float model)."""
+
+    name: str | None = None
+    arch: str | None = None
+    checkpoint: str | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.arch is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of 'arch' (train it) or 'checkpoint' (load it)")
+        if self.arch is not None:
+            from qrobust.models import MODELS
+
+            if self.arch not in MODELS:
+                raise ValueError(f"unknown model '{self.arch}'; valid: {', '.join(MODELS.names())}")
+            from qrobust.train import TrainConfig
+
+            unknown = set(self.train) - set(TrainConfig.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown train option(s) {sorted(unknown)}; valid: "
+                                 f"{', '.join(sorted(TrainConfig.__dataclass_fields__))}")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch or Path(self.checkpoint or "model").name
+
+
+def _parse_eps(v: Any) -> float:
+    if isinstance(v, str):
+        try:
+            v = float(Fraction(v.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"eps '{v}' is not a number or a fraction like 8/255") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"eps must be a number, got {v!r}")
+    if not v >= 0 or v == float("inf"):
+        raise ValueError(f"eps must be >= 0 and finite, got {v}")
+    return float(v)
+
+
+class AttackConfig(_Strict):
+    """One attack and its eps sweep (in [0, 1] pixel units); ``params`` go to the attack."""
+
+    name: str
+    norm: Literal["linf", "l2"] = "linf"
+    eps: tuple[float, ...] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps(cls, v: Any) -> tuple[float, ...]:
+        values = v if isinstance(v, (list, tuple)) else [v]
+        out = []
+        for i, e in enumerate(values):
+            try:
+                out.append(_parse_eps(e))
+            except ValueError as err:
+                raise ValueError(f"eps[{i}]: {err}") from None
+        if len(set(out)) != len(out):
+            raise ValueError(f"eps values repeat: {out}")
+        return tuple(out)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from qrobust.eval import adapters
+
+        names = adapters.attack_names()
+        if v not in names:
+            raise ValueError(f"unknown attack '{v}'; valid: {', '.join(names)}")
+        return v
+
+
+class DefenseConfig(_Strict):
+    """An input/model defense from ``qrobust.defenses.DEFENSES`` (``none``: no defense)."""
+
+    name: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from qrobust.eval import adapters
+
+        names = ["none", *adapters.defense_names()]
+        if v not in names:
+            raise ValueError(f"unknown defense '{v}'; valid: {', '.join(names)}")
+        return v
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        return self.name + "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+
+
+class QuantConfig(_Strict):
+    """How recipes are applied. ``ptq``: quantize the trained float model (calibrated on
+    ``calib`` training images). ``qat``: train the quantized twin itself (STE).
+    ``gorsline_grid``: the weight grid of ``gorslineB`` recipes (see
+    ``qrobust.eval.adapters.make_twin``)."""
+
+    mode: Literal["ptq", "qat"] = "ptq"
+    calib: int = Field(256, ge=1)
+    integer: bool = True
+    integer_backend: Literal["reference", "onnx"] = "reference"
+    gorsline_grid: Literal["symmetric", "midrise"] = "symmetric"
+
+
+class StudyConfig(_Strict):
+    name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    models: tuple[ModelConfig, ...] = Field(min_length=1)
+    recipes: tuple[str, ...] = Field(("fp32",), min_length=1)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    defenses: tuple[DefenseConfig, ...] = Field((DefenseConfig(),), min_length=1)
+    attacks: tuple[AttackConfig, ...] = Field(min_length=1)
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _defense_strings(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [{"name": d} if isinstance(d, str) else d for d in v]
+        return v
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _recipe_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("recipes")
+    @classmethod
+    def _valid_recipes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from qrobust.eval import adapters
+
+        for i, r in enumerate(v):
+            try:
+                adapters.recipe_bits(r)
+            except (ConfigError, ValueError) as err:
+                raise ValueError(f"recipes[{i}]: {err}") from None
+        if len(set(v)) != len(v):
+            raise ValueError(f"recipes repeat: {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> StudyConfig:
+        labels = [m.label for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model names repeat: {labels}; give each model a distinct 'name'")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    errors = err.errors()
+    locs = [e["loc"] for e in errors]
+    parts = []
+    for e in errors:
+        loc_t = e["loc"]
+        # a tuple that is "too short" only because its items failed: report the items only
+        if e["type"] == "too_short" and any(o[:len(loc_t)] == loc_t and o != loc_t for o in locs):
+            continue
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc_t).lstrip(".")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        last = str(loc_t[-1]) if loc_t else ""
+        if last and msg.startswith(last + "["):  # "recipes: recipes[1]: ..." -> "recipes[1]: ..."
+            loc, msg = loc[: len(loc) - len(last)] + msg.split(":", 1)[0], msg.split(":", 1)[1].strip()
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_study(data: Any, source: str = "config") -> StudyConfig:
+    """Validate a plain dict (e.g. parsed YAML); raise ConfigError with a one-line message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of study fields, got {type(data).__name__}")
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def resolve_paths(study: StudyConfig, base: Path) -> StudyConfig:
+    """Make checkpoint paths absolute (cwd first, then ``base``); missing files fail here."""
+    models = []
+    for i, m in enumerate(study.models):
+        if m.checkpoint is None:
+            models.append(m)
+            continue
+        found = next((p for p in (Path(m.checkpoint), base / m.checkpoint) if p.exists()), None)
+        if found is None:
+            raise ConfigError(f"models[{i}].checkpoint: '{m.checkpoint}' not found (looked in "
+                              f"{Path.cwd()} and {base}); train one with `qrobust train`")
+        models.append(m.model_copy(update={"checkpoint": str(found.resolve())}))
+    return study.model_copy(update={"models": tuple(models)})
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study config {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}") from None
+    return resolve_paths(parse_study(data, str(path)), path.parent)
+
+
+def dump_study(study: StudyConfig) -> str:
+    """YAML text of a validated study (round-trips through :func:`parse_study`)."""
+    return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)

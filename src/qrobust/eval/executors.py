@@ -1,0 +1,133 @@
+"""Run the pending cells of a study and write each result to the store as it arrives.
+
+* ``local`` (default): one process, cells in plan order (adjacent cells share models and
+  clean predictions), a tqdm progress bar.
+* ``ray``: one Ray task per cell (``pip install qrobust[ray]``); ``address`` joins an
+  existing cluster, else a local Ray instance is started. Float / QAT models are trained
+  on the driver before the fan-out and saved under ``<out>/models``, so workers only load
+  them; each worker keeps its own :class:`~qrobust.eval.grid.Workbench`. Cell seeds come
+  from the cell keys, so the numbers equal the local executor's.
+
+Only the driver writes to the store (one transaction per row), so a killed run loses at
+most the cells in flight and a rerun computes exactly the missing ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from qrobust.config import StudyConfig
+from qrobust.errors import ConfigError
+from qrobust.eval.grid import TABLE, Cell, Workbench, evaluate_cell, plan
+from qrobust.eval.store import ResultStore
+from qrobust.registry import Registry
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.sqlite"
+
+Sink = Callable[[Cell, dict, list[str]], None]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    total: int
+    skipped: int  # already in the store
+    computed: int
+    seconds: float
+    store: Path
+
+
+EXECUTORS: Registry[Callable[..., None]] = Registry("executor")
+
+
+@EXECUTORS.register("local")
+def run_local(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink,
+              progress: bool = True, **_: object) -> None:
+    bench = Workbench(study, out, progress=progress)
+    bench.prepare(cells)
+    for cell in tqdm(cells, desc=f"study {study.name}", unit="cell", disable=not progress):
+        metrics, warnings = evaluate_cell(bench, cell)
+        sink(cell, metrics, warnings)
+
+
+_WORKER_BENCH: dict[str, Workbench] = {}
+
+
+def _remote_cell(study_json: dict, out: str, index: int) -> tuple[int, dict, list[str]]:
+    """Ray task body: rebuild the study, reuse this worker's Workbench, evaluate one cell."""
+    import torch
+
+    torch.set_num_threads(1)
+    study = StudyConfig.model_validate(study_json)
+    cell = plan(study)[index]
+    key = f"{out}:{study.model_dump_json()}"
+    if key not in _WORKER_BENCH:
+        _WORKER_BENCH.clear()
+        _WORKER_BENCH[key] = Workbench(study, out)
+    metrics, warnings = evaluate_cell(_WORKER_BENCH[key], cell)
+    return index, metrics, warnings
+
+
+@EXECUTORS.register("ray")
+def run_ray(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink, progress: bool = True,
+            address: str | None = None, num_cpus: int | None = None, **_: object) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'qrobust[ray]'") from None
+    Workbench(study, out, progress=progress).prepare(cells)  # train once, on the driver
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"address": address} if address else {"num_cpus": num_cpus,
+                                                       "include_dashboard": False}
+        ray.init(log_to_driver=False, **kwargs)
+    try:
+        task = ray.remote(num_cpus=1)(_remote_cell)
+        index = {c.key: i for i, c in enumerate(plan(study))}
+        study_json = study.model_dump(mode="json")
+        pending = [task.remote(study_json, str(out), index[c.key]) for c in cells]
+        by_index = {index[c.key]: c for c in cells}
+        bar = tqdm(total=len(cells), desc=f"study {study.name} (ray)", unit="cell",
+                   disable=not progress)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i, metrics, warnings = ray.get(done[0])
+            sink(by_index[i], metrics, warnings)
+            bar.update(1)
+        bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_study(study: StudyConfig, out: str | Path, executor: str = "local",
+              progress: bool = True, **options: object) -> RunSummary:
+    """Evaluate every cell of ``study`` not yet in ``<out>/results.sqlite``."""
+    run = EXECUTORS.get(executor)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cells = plan(study)
+    with ResultStore(out / RESULTS) as store:
+        store.set_meta("study", study.model_dump(mode="json"))
+        store.set_meta("plan", [c.key for c in cells])  # the report shows these cells only
+        pending = [c for c in cells if not store.has(c.key)]
+        log.info("%d cells, %d already stored, %d to run", len(cells), len(cells) - len(pending),
+                 len(pending))
+        written = []
+
+        def sink(cell: Cell, metrics: dict, warnings: list[str]) -> None:
+            if store.put(cell.key, TABLE, cell.config, metrics, warnings, seed=cell.seed):
+                written.append(cell.key)
+
+        if pending:
+            run(study, out, pending, sink, progress=progress, **options)
+    return RunSummary(len(cells), len(cells) - len(pending), len(written),
+                      time.perf_counter() - start, out / RESULTS)

@@ -1,0 +1,341 @@
+"""Lowering: a calibrated fake-quant twin -> a straight-line integer program.
+
+Every tensor of the program is integer. A value is either *codes* ``q`` with a real value
+``(q - z) * s`` (per-tensor s, integer z) or an *accumulator* ``acc`` (int32/int64) with a
+per-channel real value ``acc * s_c``. Convolutions and linear layers take centred codes
+``q - z`` and integer weights ``w - z_w`` and produce accumulators (int32 sums of int8 x int8
+products, bias added as the int32 ``round(b / (s_w s_x))``). Requantization maps a sum of
+terms to codes with fixed-point multipliers (gemmlowp / TFLite style):
+
+    q_out = clamp(((sum_t (v_t - z_t) * m_t) + 2^(S-1)) >> S) + z_out, lo, hi)
+
+with integers ``m_t = round(M_t 2^S)``, ``M_t = s_t / s_out`` (per channel) and the shift ``S``
+chosen per channel so that the largest m lies in [2^30, 2^31). ReLU is the lower clamp
+``lo = max(qmin, z_out)``. The sign quantizer (1 bit, signed) outputs +1 where the sum is
+>= 0 and -1 elsewhere. See docs/quantization.md.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qrobust.errors import ConfigError
+from qrobust.quant.functional import round_half_up
+from qrobust.quant.modules import QuantAct, QuantConv2d, QuantInput, QuantLinear
+
+MAX_BITS = 8
+ADD_TARGETS = (operator.add, torch.add, operator.iadd)
+
+
+# ---- value descriptors (lowering time only) -------------------------------------------------
+@dataclass(frozen=True)
+class Codes:
+    slot: str
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+
+@dataclass(frozen=True)
+class Acc:
+    slot: str
+    scale: torch.Tensor  # (C,) float64
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A sum of values (and maybe a ReLU) waiting for the quantizer that materialises it."""
+
+    terms: tuple[Codes | Acc, ...]
+    relu: bool = False
+
+
+# ---- ops ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputOp:
+    out: str
+    zero_point: torch.Tensor  # (C,) int64: round(255 mean_c)
+
+
+@dataclass(frozen=True)
+class ConvOp:
+    out: str
+    inp: str
+    in_zero_point: int
+    weight: torch.Tensor  # (O, I, kh, kw) int64, centred (w - z_w)
+    bias: torch.Tensor  # (O,) int64 in accumulator units
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    acc_scale: torch.Tensor  # (O,) float64: real value of one accumulator unit
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    out: str
+    inp: str
+    in_zero_point: int
+    weight: torch.Tensor  # (O, I) int64, centred
+    bias: torch.Tensor  # (O,) int64
+    acc_scale: torch.Tensor  # (O,) float64
+
+
+@dataclass(frozen=True)
+class Term:
+    slot: str
+    zero_point: int
+    multiplier: torch.Tensor  # (C,) int64
+    real_multiplier: torch.Tensor  # (C,) float64, for backends with float requantization
+
+
+@dataclass(frozen=True)
+class RequantOp:
+    out: str
+    terms: tuple[Term, ...]
+    shift: torch.Tensor  # (C,) int64
+    zero_point: int
+    lo: int
+    hi: int
+    sign: bool = False
+
+
+@dataclass(frozen=True)
+class MaxPoolOp:
+    out: str
+    inp: str
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class SumPoolOp:
+    """Global sum over H, W of centred codes -> accumulator (N, C, 1, 1)."""
+
+    out: str
+    inp: str
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class FlattenOp:
+    out: str
+    inp: str
+
+
+@dataclass(frozen=True)
+class ReluOp:
+    out: str
+    inp: str
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class OutputOp:
+    inp: str
+    scale: torch.Tensor  # (C,) float64 or scalar
+    zero_point: int
+
+
+Op = (InputOp | ConvOp | LinearOp | RequantOp | MaxPoolOp | SumPoolOp | FlattenOp | ReluOp
+      | OutputOp)
+
+
+@dataclass(frozen=True)
+class Program:
+    ops: tuple[Op, ...]
+    input_shape: tuple[int, int, int]
+    codes: dict  # slot -> Codes descriptor (scales/zero points of materialised tensors)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def fixed_point(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel shift S and the integers round(M 2^S) for real multipliers M (T, C) > 0:
+    the largest multiplier of each channel lands in [2^30, 2^31)."""
+    top = real.max(0).values.clamp(min=1e-30)
+    shift = (30 - torch.floor(torch.log2(top))).clamp(1, 62).long()
+    mult = torch.round(real * torch.pow(2.0, shift.double())).long()
+    return mult, shift
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the twin once and records every node's output shape in ``node.meta['shape']``."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["shape"] = tuple(result.shape)
+        return result
+
+
+class _Lowering:
+    def __init__(self, twin: fx.GraphModule, input_shape: tuple[int, int, int]) -> None:
+        self.gm = twin
+        self.ops: list[Op] = []
+        self.env: dict[fx.Node, Codes | Acc | Pending] = {}
+        self.codes: dict[str, Codes] = {}
+        with torch.no_grad():
+            _ShapeRecorder(twin).run(torch.zeros(1, *input_shape))
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    def value(self, node: fx.Node) -> Codes | Acc | Pending:
+        return self.env[node.args[0]]  # type: ignore[index]
+
+    def codes_in(self, node: fx.Node) -> Codes:
+        v = self.value(node)
+        if not isinstance(v, Codes):
+            raise ConfigError(f"'{node.target}' consumes an unquantized tensor; the twin has no "
+                              "activation quantizer there (a weight-only recipe?)")
+        return v
+
+    def emit_codes(self, op: Op, c: Codes) -> Codes:
+        self.ops.append(op)
+        self.codes[c.slot] = c
+        return c
+
+    def lower(self) -> list[Op]:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                self.output(node)
+                break
+            self.env[node] = self.lower_node(node)
+        return self.ops
+
+    def lower_node(self, node: fx.Node) -> Codes | Acc | Pending:
+        name = node.name
+        if node.op == "call_function" and node.target in ADD_TARGETS:
+            a, b = (self.env[arg] for arg in node.args)
+            terms = tuple(t for v in (a, b) for t in (v.terms if isinstance(v, Pending) else (v,)))
+            if any(isinstance(v, Pending) and v.relu for v in (a, b)):
+                raise ConfigError("an add of a ReLU output needs a quantizer in between")
+            return Pending(terms)
+        if node.op == "call_method" and node.target == "float":
+            return self.value(node)
+        if node.op != "call_module":
+            raise ConfigError(f"cannot lower {node.op} '{node.target}' to integers; supported: "
+                              "conv, linear, ReLU, add, max-pool, global average pool, flatten")
+        m = self.module(node)
+        if isinstance(m, QuantInput):
+            zp = m.zero_point.reshape(-1).round().long()
+            return self.emit_codes(InputOp(name, zp), Codes(name, float(m.scale), 0, -255, 255))
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            return self.layer(node, m)
+        if isinstance(m, QuantAct):
+            return self.requant(node, m)
+        if isinstance(m, (nn.ReLU, nn.ReLU6)):
+            if isinstance(m, nn.ReLU6):
+                raise ConfigError("ReLU6 lowers only through a relu6 recipe (clip=6)")
+            v = self.value(node)
+            if isinstance(v, Codes):
+                return self.emit_codes(ReluOp(name, v.slot, v.zero_point),
+                                       Codes(name, v.scale, v.zero_point,
+                                             max(v.qmin, v.zero_point), v.qmax))
+            return Pending(v.terms if isinstance(v, Pending) else (v,), relu=True)
+        if isinstance(m, (nn.Dropout, nn.Identity)):
+            return self.value(node)
+        if isinstance(m, nn.MaxPool2d):
+            c = self.codes_in(node)
+            if m.padding not in (0, (0, 0)) or m.dilation not in (1, (1, 1)) or m.ceil_mode:
+                raise ConfigError("integer max-pool supports padding=0, dilation=1 only")
+            stride = _pair(m.stride if m.stride is not None else m.kernel_size)
+            return self.emit_codes(MaxPoolOp(name, c.slot, _pair(m.kernel_size), stride),
+                                   Codes(name, c.scale, c.zero_point, c.qmin, c.qmax))
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            c = self.codes_in(node)
+            if _pair(m.output_size) != (1, 1):
+                raise ConfigError("integer average pooling supports global pooling only")
+            channels, h, w = node.args[0].meta["shape"][1:]
+            self.ops.append(SumPoolOp(name, c.slot, c.zero_point))
+            return Acc(name, torch.full((channels,), c.scale / (h * w), dtype=torch.float64))
+        if isinstance(m, nn.Flatten):
+            c = self.codes_in(node)
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise ConfigError("integer flatten supports start_dim=1, end_dim=-1 only")
+            return self.emit_codes(FlattenOp(name, c.slot), Codes(name, c.scale, c.zero_point,
+                                                                 c.qmin, c.qmax))
+        raise ConfigError(f"cannot lower module '{node.target}' ({type(m).__name__}) to integers")
+
+    def layer(self, node: fx.Node, m: QuantConv2d | QuantLinear) -> Acc:
+        c = self.codes_in(node)
+        if m.wspec is None or m.wspec.bits > MAX_BITS:
+            raise ConfigError(f"layer '{node.target}' has float or >{MAX_BITS}-bit weights; the "
+                              f"integer executor needs weights of at most {MAX_BITS} bits")
+        if m.bspec is not None:
+            raise ConfigError("recipes with quantized biases (bias, gorsline) are float-activation "
+                              "settings and have no integer model")
+        codes, w_scale, w_zero = m.weight_codes()
+        out_ch = codes.shape[0]
+        w_scale = w_scale.double().expand(out_ch) if w_scale.ndim == 0 else w_scale.double()
+        w_zero = w_zero.expand(out_ch) if w_zero.ndim == 0 else w_zero
+        centred = (codes - w_zero.view(-1, *([1] * (codes.ndim - 1)))).round().long()
+        acc_scale = w_scale * c.scale
+        bias = (torch.zeros(out_ch, dtype=torch.long) if m.bias is None else
+                round_half_up(m.bias.detach().double() / acc_scale).long())
+        if isinstance(m, QuantConv2d):
+            self.ops.append(ConvOp(node.name, c.slot, c.zero_point, centred, bias,
+                                   _pair(m.stride), _pair(m.padding), acc_scale))
+        else:
+            self.ops.append(LinearOp(node.name, c.slot, c.zero_point, centred, bias, acc_scale))
+        return Acc(node.name, acc_scale)
+
+    def requant(self, node: fx.Node, q: QuantAct) -> Codes:
+        spec = q.spec
+        if spec.bits > MAX_BITS:
+            raise ConfigError(f"activation quantizer '{node.target}' has {spec.bits} bits; the "
+                              f"integer executor supports at most {MAX_BITS}")
+        if not bool(q.calibrated):
+            raise ConfigError("the twin is not calibrated; quantize it with calib=images first")
+        v = self.value(node)
+        pending = v if isinstance(v, Pending) else Pending((v,))
+        s_out, z_out = float(q.scale), int(round(float(q.zero_point)))
+        channels = node.meta["shape"][1]
+        reals, zps = [], []
+        for t in pending.terms:
+            scale = (t.scale.double() if isinstance(t, Acc) else
+                     torch.full((channels,), t.scale, dtype=torch.float64))
+            reals.append(scale / s_out)
+            zps.append(t.zero_point if isinstance(t, Codes) else 0)
+        real = torch.stack(reals)
+        mult, shift = fixed_point(real)
+        terms = tuple(Term(t.slot, z, m_, r) for t, z, m_, r in zip(pending.terms, zps, mult, real,
+                                                                    strict=True))
+        lo = max(spec.qmin, z_out) if pending.relu else spec.qmin
+        out = Codes(node.name, s_out, z_out, lo, spec.qmax)
+        return self.emit_codes(RequantOp(node.name, terms, shift, z_out, lo, spec.qmax,
+                                         sign=spec.is_sign), out)
+
+    def output(self, node: fx.Node) -> None:
+        v = self.env[node.args[0]]
+        if isinstance(v, Pending):
+            raise ConfigError("the model output is an unquantized sum; end with a linear layer")
+        scale = v.scale if isinstance(v, Acc) else torch.tensor(v.scale, dtype=torch.float64)
+        self.ops.append(OutputOp(v.slot, scale, v.zero_point if isinstance(v, Codes) else 0))
+
+
+def lower(twin: nn.Module, input_shape: tuple[int, int, int]) -> Program:
+    """The integer program of a calibrated twin for images of shape ``input_shape`` (C, H, W)."""
+    if not isinstance(twin, fx.GraphModule) or not any(
+            isinstance(m, QuantInput) for m in twin.modules()):
+        raise ConfigError("to_integer needs a twin with quantized activations, made by "
+                          "quantize(model, 'wNaM', calib); weight-only recipes stay float")
+    lowering = _Lowering(twin, tuple(input_shape))
+    ops = lowering.lower()
+    return Program(tuple(ops), tuple(input_shape), lowering.codes)
+
+
+def output_scale_note(program: Program) -> str:
+    """Human-readable summary: bit widths of the materialised tensors."""
+    widths = sorted({math.ceil(math.log2(c.qmax - c.qmin + 1)) for c in program.codes.values()})
+    return f"{len(program.ops)} integer ops, code widths {widths} bits"

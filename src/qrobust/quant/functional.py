@@ -1,0 +1,94 @@
+"""The functional core of quantization: pure functions, no state.
+
+Uniform affine quantization (Jacob et al. 2018, arXiv 1712.05877):
+``q = clamp(round(x / s) + z, qmin, qmax)`` and ``x_hat = (q - z) * s``. Rounding is *round half
+up*, ``floor(v + 0.5)``, the rounding of the integer executor's rounding right shift, so that
+the twin and the integer model round ties the same way. Gradients are straight-through (STE,
+Bengio et al. 2013, arXiv 1308.3432): identity inside the clipping range, zero outside.
+The 1-bit signed quantizer is ``s * sign(x)`` (sign(0) = +1) with the hard-tanh STE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qrobust.quant.spec import QuantSpec
+
+
+def round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """``floor(x + 0.5)``: nearest integer, ties towards +inf (no gradient)."""
+    return torch.floor(x + 0.5)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half up in the forward pass, identity gradient in the backward pass."""
+    return x + (round_half_up(x) - x).detach()
+
+
+def stochastic_round(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Unbiased stochastic rounding: ``floor(x + u)``, u ~ U[0, 1), so E[result] = x.
+
+    ``generator`` drives the noise (same seed, same result); identity gradient (STE).
+    """
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return x + (torch.floor(x + u) - x).detach()
+
+
+def _broadcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel (C,) tensor shaped to broadcast along axis 0 of ``x``; scalars unchanged."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.ndim == 1 and t.numel() > 1:
+        return t.view(-1, *([1] * (x.ndim - 1)))
+    return t.reshape(()) if t.numel() == 1 else t
+
+
+def quantize_codes(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer codes of ``x`` (float tensor holding integers in [qmin, qmax]), STE gradient.
+
+    ``scale`` and ``zero_point`` are scalars or (C,) per channel along axis 0. Stochastic
+    rounding is used when ``spec.rounding == 'stochastic'`` and a generator is given.
+    """
+    s, z = _broadcast(scale, x), _broadcast(zero_point, x)
+    v = x / s
+    if spec.is_sign:
+        soft = v.clamp(-1.0, 1.0)
+        return soft + (torch.where(v >= 0, 1.0, -1.0).to(x.dtype) - soft).detach()
+    stochastic = spec.rounding == "stochastic" and generator is not None
+    r = stochastic_round(v, generator) if stochastic else round_ste(v)
+    return torch.clamp(r + z, spec.qmin, spec.qmax)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``(q - z) * s`` with per-channel parameters along axis 0."""
+    return (codes - _broadcast(zero_point, codes)) * _broadcast(scale, codes)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Quantize then dequantize: the values the integer model represents, STE gradients."""
+    return dequantize(quantize_codes(x, spec, scale, zero_point, generator), scale, zero_point)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor,
+                       spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point that map the real range [lo, hi] onto [qmin, qmax].
+
+    The range is widened to contain 0 (so that 0, ReLU's output and zero padding, is exact).
+    Symmetric: z = 0 and s = max|.| / qmax (unsigned: s = hi / qmax). Asymmetric: s =
+    (hi - lo) / (qmax - qmin), z = qmin - round(lo / s). Sign quantizer: s = max|.|.
+    """
+    lo = torch.minimum(torch.as_tensor(lo, dtype=torch.float32), torch.zeros(()))
+    hi = torch.maximum(torch.as_tensor(hi, dtype=torch.float32), torch.zeros(()))
+    tiny = torch.finfo(torch.float32).tiny * 2**30
+    if spec.is_sign:
+        return torch.maximum(torch.maximum(-lo, hi), torch.full_like(hi, tiny)), torch.zeros_like(hi)
+    if not spec.signed:
+        scale = torch.clamp(hi / spec.qmax, min=tiny)
+        return scale, torch.zeros_like(scale)
+    if spec.symmetric:
+        scale = torch.clamp(torch.maximum(-lo, hi) / spec.qmax, min=tiny)
+        return scale, torch.zeros_like(scale)
+    scale = torch.clamp((hi - lo) / (spec.qmax - spec.qmin), min=tiny)
+    zero = torch.clamp(spec.qmin - round_half_up(lo / scale), spec.qmin, spec.qmax)
+    return scale, zero

@@ -1,0 +1,206 @@
+"""Thin quantized modules: they hold buffers and specs and call the functional core.
+
+* :class:`QuantInput` replaces ``Normalize``: images x in [0, 1] -> pixel codes
+  ``q = clamp(round(255 x), 0, 255)`` -> ``(q - z_c) / 255`` with the integer zero point
+  ``z_c = round(255 mean_c)``. The ``1 / std_c`` factor is folded into the first conv/linear,
+  so zero padding of ``q - z_c`` is padding with the (rounded) mean in pixel space, exactly
+  what zero padding in normalized space was (up to the rounding of the mean to 1/255).
+* :class:`QuantAct`: activation fake-quant with a calibrated scale / zero point (buffers).
+* :class:`QuantConv2d`, :class:`QuantLinear`: weights fake-quantized on the fly from the
+  current float weights (observer run under no_grad), so QAT trains the float weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.errors import ConfigError
+from qrobust.quant.functional import fake_quantize, quantize_codes, round_half_up, round_ste
+from qrobust.quant.observers import observe
+from qrobust.quant.spec import QuantSpec
+
+PIXEL_LEVELS = 255
+CALIB_SAMPLE = 2**18  # values kept per calibration batch (strided subsample + exact extremes)
+
+
+class QuantInput(nn.Module):
+    """x float (N, C, H, W) in [0, 1] -> (round(255 x) - z_c) / 255, in [-1, 1]; STE gradient."""
+
+    def __init__(self, zero_point: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("zero_point", zero_point.float().view(1, -1, 1, 1))
+
+    scale = torch.tensor(1.0 / PIXEL_LEVELS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(round_ste(x * PIXEL_LEVELS), 0, PIXEL_LEVELS)
+        return (q - self.zero_point) / PIXEL_LEVELS
+
+
+class QuantAct(nn.Module):
+    """Per-tensor activation fake-quant. Calibrate with ``observing=True`` forward passes
+    followed by :meth:`finish_calibration`; deterministic in eval mode (stochastic rounding,
+    if the spec asks for it, only in training mode, driven by ``self.generator``)."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.observing = False
+        self.generator: torch.Generator | None = None
+        self._seen: list[torch.Tensor] = []
+        if spec.clip is not None:
+            self._set(*observe(torch.zeros(1), spec))
+
+    def _set(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(()))
+        self.zero_point.copy_(zero_point.reshape(()))
+        self.calibrated.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            flat = x.detach().reshape(-1).float()
+            step = max(1, flat.numel() // CALIB_SAMPLE)
+            self._seen.append(torch.cat([flat[::step], flat.min()[None], flat.max()[None]]))
+            return x
+        if not bool(self.calibrated):
+            raise ConfigError("activation quantizers are not calibrated: pass calibration images "
+                              "to quantize(model, recipe, calib=x) or load a quantized checkpoint")
+        gen = self.generator if self.training else None
+        return fake_quantize(x, self.spec, self.scale, self.zero_point, gen)
+
+    def finish_calibration(self) -> None:
+        if self.spec.clip is None and self._seen:
+            self._set(*observe(torch.cat(self._seen), self.spec))
+        self._seen, self.observing = [], False
+
+
+class _WeightQuant:
+    """Mixin: fake-quantized weights from the current float weights.
+
+    When the layer's input comes from a quantizer (``input_quant``, set by ``quantize``), the
+    forward pass computes the integer accumulator exactly: ``acc = conv(x / s_x, w_q - z_w)``
+    on integer-valued float32 tensors (exact while |acc| < 2^24), adds the int32 bias
+    ``round(b / (s_x s_w))`` and returns ``acc * s_x s_w`` in float64 (activations between
+    a layer and its output quantizer are float64; the twin's logits are cast to float32).
+    This is the fake-quant output computed at the integer model's rounding points; its STE
+    gradient is the usual one.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    wspec: QuantSpec | None
+    bspec: QuantSpec | None
+    generator: torch.Generator | None
+    input_quant: list[nn.Module]
+
+    def _exact(self) -> bool:
+        return self.wspec is not None and bool(self.input_quant)
+
+    def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Centred input codes and centred weight codes (float32 integers, STE) and the
+        accumulator scale s_x s_w (O,) in float64."""
+        s_x = self.input_quant[0].scale
+        scale, zero = self.weight_qparams()
+        gen = self.generator if getattr(self, "training", False) else None
+        w_codes = quantize_codes(self.weight, self.wspec, scale, zero, gen)
+        w_codes = w_codes - zero.view(-1, *([1] * (w_codes.ndim - 1))) if zero.ndim else w_codes - zero
+        s_acc = (scale.double() * s_x.double()).expand(self.weight.shape[0])
+        x_codes = round_ste(x / s_x.to(x.dtype)).to(self.weight.dtype)
+        return x_codes, w_codes, s_acc
+
+    def _finish(self, acc: torch.Tensor, s_acc: torch.Tensor) -> torch.Tensor:
+        """(acc + round(b / s_acc)) * s_acc in float64, so that the next quantizer divides the
+        exact accumulator value (the integer model's fixed-point multiplier is accurate to
+        2^-30; float32 here would flip roundings about 1e-5 of the time)."""
+        shape = (1, -1, *([1] * (acc.ndim - 2)))
+        acc = acc.double()
+        if self.bias is not None:
+            b = self.bias.double() / s_acc
+            acc = acc + (b + (round_half_up(b) - b).detach()).view(shape)
+        return acc * s_acc.view(shape)
+
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of the weights: (O,) per channel or scalars."""
+        assert self.wspec is not None
+        key = (self.weight._version, self.weight.data_ptr())
+        cache = getattr(self, "_qcache", None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            params = observe(self.weight.detach(), self.wspec)
+        self._qcache = (key, params)
+        return params
+
+    def weight_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer weight codes (float tensor of integers), scale, zero point (no gradient)."""
+        scale, zero = self.weight_qparams()
+        with torch.no_grad():
+            return quantize_codes(self.weight, self.wspec, scale, zero), scale, zero
+
+    def quant_weight(self) -> torch.Tensor:
+        if self.wspec is None:
+            return self.weight
+        scale, zero = self.weight_qparams()
+        gen = self.generator if getattr(self, "training", False) else None
+        return fake_quantize(self.weight, self.wspec, scale, zero, gen)
+
+    def quant_bias(self) -> torch.Tensor | None:
+        if self.bias is None or self.bspec is None:
+            return self.bias
+        scale, zero = observe(self.bias.detach(), self.bspec)
+        return fake_quantize(self.bias, self.bspec, scale, zero)
+
+
+def _bias_spec(wspec: QuantSpec | None, quantize_bias: bool) -> QuantSpec | None:
+    if not quantize_bias or wspec is None:
+        return None
+    from dataclasses import replace
+
+    return replace(wspec, granularity="tensor")
+
+
+class QuantConv2d(_WeightQuant, nn.Conv2d):
+    """nn.Conv2d whose forward uses fake-quantized weights (same state-dict keys)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, wspec: QuantSpec | None,
+                   quantize_bias: bool = False) -> QuantConv2d:
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            raise ConfigError("quantized convolutions support groups=1, dilation=1 and zero "
+                              f"padding only, got {conv}")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                  conv.padding, bias=conv.bias is not None)
+        new.load_state_dict(conv.state_dict())
+        new.wspec, new.bspec, new.generator = wspec, _bias_spec(wspec, quantize_bias), None
+        new.input_quant = []
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._exact():
+            x_codes, w_codes, s_acc = self._operands(x)
+            return self._finish(F.conv2d(x_codes, w_codes, None, self.stride, self.padding), s_acc)
+        return F.conv2d(x, self.quant_weight(), self.quant_bias(), self.stride, self.padding)
+
+
+class QuantLinear(_WeightQuant, nn.Linear):
+    """nn.Linear whose forward uses fake-quantized weights (same state-dict keys)."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, wspec: QuantSpec | None,
+                   quantize_bias: bool = False) -> QuantLinear:
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.load_state_dict(linear.state_dict())
+        new.wspec, new.bspec, new.generator = wspec, _bias_spec(wspec, quantize_bias), None
+        new.input_quant = []
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._exact():
+            x_codes, w_codes, s_acc = self._operands(x)
+            return self._finish(F.linear(x_codes, w_codes), s_acc)
+        return F.linear(x, self.quant_weight(), self.quant_bias())

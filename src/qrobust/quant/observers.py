@@ -1,0 +1,91 @@
+"""Observers: choose a quantizer's scale and zero point from observed values.
+
+An observer is a pure function ``(x, spec) -> (scale, zero_point)``. ``x`` is (C, n) for
+per-channel specs (one row per output channel) and (n,) otherwise. Registered: ``minmax``
+(the observed range), ``percentile`` (the ``spec.percentile``-th percentile of |x| / of the
+tails, robust to outliers) and ``mse`` (the clipping range minimising the squared
+quantization error over a grid of 64 shrink factors of the min-max range, as in
+Banner et al., arXiv 1810.05723). ``spec.clip`` fixes the range and bypasses observation;
+the 1-bit sign quantizer uses s = mean|x| (the L2-optimal scale of XNOR-Net, arXiv 1603.05279)
+whatever the observer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qrobust.quant.functional import fake_quantize, qparams_from_range
+from qrobust.quant.spec import QuantSpec
+from qrobust.registry import Registry
+
+Observer = Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor]]
+OBSERVERS: Registry[Observer] = Registry("observer")
+MSE_GRID = 64
+
+
+def _rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    x = x.detach().float()
+    return x.reshape(x.shape[0], -1) if spec.granularity == "channel" else x.reshape(1, -1)
+
+
+def _squeeze(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return t if spec.granularity == "channel" else t.reshape(())
+
+
+@OBSERVERS.register("minmax")
+def minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(x, spec)
+    lo, hi = rows.amin(1), rows.amax(1)
+    s, z = qparams_from_range(lo, hi, spec)
+    return _squeeze(s, spec), _squeeze(z, spec)
+
+
+@OBSERVERS.register("percentile")
+def percentile(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(x, spec)
+    q = spec.percentile / 100.0
+    n = rows.shape[1]
+    k_hi = max(1, min(n, int(round(q * n))))
+    k_lo = max(1, min(n, int(round((1 - q) * n)) + 1))
+    hi = rows.kthvalue(k_hi, dim=1).values
+    lo = rows.kthvalue(k_lo, dim=1).values
+    if spec.symmetric and spec.signed:
+        hi = rows.abs().kthvalue(k_hi, dim=1).values
+        lo = -hi
+    s, z = qparams_from_range(lo, hi, spec)
+    return _squeeze(s, spec), _squeeze(z, spec)
+
+
+@OBSERVERS.register("mse")
+def mse(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(x, spec)
+    lo, hi = rows.amin(1), rows.amax(1)
+    best_err = torch.full_like(lo, float("inf"))
+    best_s, best_z = qparams_from_range(lo, hi, spec)
+    for i in range(MSE_GRID):
+        shrink = 1.0 - i / MSE_GRID
+        s, z = qparams_from_range(lo * shrink, hi * shrink, spec)
+        err = (fake_quantize(rows, spec, s, z) - rows).pow(2).mean(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return _squeeze(best_s, spec), _squeeze(best_z, spec)
+
+
+def observe(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for ``x`` under ``spec`` (fixed clip, sign rule, or the observer)."""
+    if spec.clip is not None:
+        lo = torch.tensor(-spec.clip if spec.signed else 0.0)
+        hi = torch.tensor(spec.clip)
+        s, z = qparams_from_range(lo, hi, spec)
+        if spec.is_sign:  # {-clip, +clip}
+            s = torch.tensor(float(spec.clip))
+        if spec.granularity == "channel" and x.ndim > 0:
+            s, z = s.expand(x.shape[0]).clone(), z.expand(x.shape[0]).clone()
+        return s, z
+    if spec.is_sign:
+        s = _rows(x, spec).abs().mean(1).clamp(min=1e-12)
+        return _squeeze(s, spec), _squeeze(torch.zeros_like(s), spec)
+    return OBSERVERS.get(spec.observer)(x, spec)

@@ -1,0 +1,167 @@
+"""Matplotlib figures of a study (Agg backend, PNG bytes out). One function per figure."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qrobust.report.fit import Fit  # noqa: E402
+from qrobust.report.tables import FLOAT_BITS, Record  # noqa: E402
+
+plt.rcParams.update({"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _recipes(recs: list[Record]) -> list[str]:
+    seen = {r.recipe: r.bits for r in recs}
+    return sorted(seen, key=lambda k: (-seen[k], k))
+
+
+def _colors(names: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("viridis")
+    n = max(len(names) - 1, 1)
+    return {name: cmap(0.9 * i / n) for i, name in enumerate(names)}
+
+
+def accuracy_vs_eps(recs: list[Record], model: str, fits: dict[tuple, Fit] | None = None
+                    ) -> bytes:
+    """Robust accuracy (twin) vs eps; panels = defense x attack; a curve per recipe. Dashed
+    lines: the fitted accuracy model, where a fit exists."""
+    recs = [r for r in recs if r.model == model]
+    defenses = sorted({r.defense for r in recs}, key=lambda d: (d != "none", d))
+    attacks = sorted({r.attack for r in recs})
+    recipes = _recipes(recs)
+    colors = _colors(recipes)
+    fig, axes = plt.subplots(len(defenses), len(attacks), squeeze=False, sharey=True,
+                             figsize=(4.2 * len(attacks), 3.0 * len(defenses)))
+    for i, d in enumerate(defenses):
+        for j, a in enumerate(attacks):
+            ax = axes[i][j]
+            for recipe in recipes:
+                pts = sorted((r for r in recs if (r.defense, r.attack, r.recipe) == (d, a, recipe)),
+                             key=lambda r: r.eps)
+                if not pts:
+                    continue
+                eps = np.array([r.eps for r in pts])
+                acc = np.array([r.metrics["robust_acc"] for r in pts], dtype=float)
+                sd = np.array([r.spread["robust_acc"] or 0.0 for r in pts], dtype=float)
+                ax.errorbar(eps * 255, acc, yerr=sd if sd.any() else None, marker="o", ms=3,
+                            color=colors[recipe], label=recipe, capsize=2)
+                fit = (fits or {}).get((model, d, a))
+                if isinstance(fit, Fit):
+                    grid = np.linspace(0, eps.max(), 100)
+                    ax.plot(grid * 255, fit.predict(np.full_like(grid, pts[0].bits), grid),
+                            ls="--", lw=0.9, color=colors[recipe])
+            ax.set_title(f"{a} · defense: {d}")
+            ax.set_xlabel("eps (x 1/255)")
+            ax.set_ylim(-0.02, 1.02)
+            if j == 0:
+                ax.set_ylabel("robust accuracy (twin)")
+    axes[0][-1].legend(title="recipe", fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{model}: accuracy vs attack strength (dashed: fitted model)")
+    return _png(fig)
+
+
+def heatmap(recs: list[Record], model: str, defense: str, attack: str) -> bytes:
+    """Bits (rows, recipes) x eps (columns) robust accuracy, annotated."""
+    recs = [r for r in recs if (r.model, r.defense, r.attack) == (model, defense, attack)]
+    recipes = _recipes(recs)
+    eps = sorted({r.eps for r in recs})
+    grid = np.full((len(recipes), len(eps)), np.nan)
+    for r in recs:
+        if r.metrics["robust_acc"] is not None:
+            grid[recipes.index(r.recipe), eps.index(r.eps)] = r.metrics["robust_acc"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(eps), 0.9 + 0.36 * len(recipes)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < 0.6 else "black")
+    ax.set_xticks(range(len(eps)), [f"{e * 255:.3g}" for e in eps])
+    ax.set_yticks(range(len(recipes)), recipes)
+    ax.set_xlabel("eps (x 1/255)")
+    ax.grid(False)
+    fig.colorbar(im, ax=ax, fraction=0.04, label="robust accuracy")
+    ax.set_title(f"{model} · {attack}\ndefense: {defense}", fontsize=8)
+    return _png(fig)
+
+
+def clean_vs_bits(recs: list[Record], model: str) -> bytes:
+    """Clean accuracy vs bit width (float at 32), twin and integer model, per defense."""
+    recs = [r for r in recs if r.model == model and r.metrics.get("clean_acc") is not None]
+    by: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in recs:
+        by[(r.defense, "twin")][r.bits].append(r.metrics["clean_acc"])
+        if r.metrics.get("clean_acc_int") is not None:
+            by[(r.defense, "integer")][r.bits].append(r.metrics["clean_acc_int"])
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    for (defense, kind), pts in sorted(by.items()):
+        bits = sorted(pts)
+        acc = [float(np.mean(pts[b])) for b in bits]
+        ax.plot(bits, acc, marker="o" if kind == "twin" else "s",
+                ls="-" if kind == "twin" else ":", label=f"{defense} ({kind})")
+    ticks = sorted({r.bits for r in recs})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [("fp32" if b == FLOAT_BITS else str(b)) for b in ticks])
+    ax.set_xlabel("bits (min of weight / activation bits)")
+    ax.set_ylabel("clean accuracy")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{model}: clean accuracy vs bit width")
+    return _png(fig)
+
+
+def transfer(recs: list[Record], model: str) -> bytes | None:
+    """Left: robust accuracy of the twin vs of the integer model (same x_adv). Right:
+    transfer rate vs eps per recipe. None when no cell has an integer model."""
+    recs = [r for r in recs if r.model == model and r.metrics.get("robust_acc_int") is not None]
+    if not recs:
+        return None
+    recipes = _recipes(recs)
+    colors = _colors(recipes)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for recipe in recipes:
+        pts = [r for r in recs if r.recipe == recipe]
+        a1.scatter([r.metrics["robust_acc"] for r in pts], [r.metrics["robust_acc_int"] for r in pts],
+                   s=12, color=colors[recipe], label=recipe)
+        for attack, marker in zip(sorted({r.attack for r in pts}), "os^v", strict=False):
+            line = sorted((r for r in pts if r.attack == attack and r.metrics["transfer_rate"]
+                           is not None), key=lambda r: r.eps)
+            if line:
+                a2.plot([r.eps * 255 for r in line], [r.metrics["transfer_rate"] for r in line],
+                        marker=marker, ms=3, color=colors[recipe], label=f"{recipe} {attack}")
+    a1.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    a1.set_xlabel("robust accuracy, twin")
+    a1.set_ylabel("robust accuracy, integer model")
+    a1.legend(fontsize=7)
+    a2.set_xlabel("eps (x 1/255)")
+    a2.set_ylabel("transfer rate twin -> integer")
+    a2.set_ylim(-0.02, 1.02)
+    a2.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{model}: does the attack on the twin transfer to the deployed integer model?")
+    return _png(fig)
+
+
+def fit_quality(recs: list[Record], fit: Fit, title: str) -> bytes:
+    """Observed vs fitted accuracy (one point per cell) with the identity line."""
+    obs = np.array([r.metrics["robust_acc"] for r in recs], dtype=float)
+    pred = fit.predict(np.array([r.bits for r in recs]), np.array([r.eps for r in recs]))
+    fig, ax = plt.subplots(figsize=(3.4, 3.2))
+    ax.scatter(pred, obs, s=10, c=[r.bits for r in recs], cmap="viridis")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("fitted accuracy")
+    ax.set_ylabel("observed accuracy")
+    ax.set_title(f"{title}\nR²={fit.r2:.3f}, RMSE={fit.rmse:.3f}, n={fit.n}", fontsize=8)
+    return _png(fig)

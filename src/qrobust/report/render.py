@@ -1,0 +1,275 @@
+"""The study report: one self-contained HTML file (PNGs inlined as base64) and report.md.
+
+Sections: summary table (clean accuracy and robust accuracy per recipe), accuracy vs eps
+(a curve per bit width), bits x eps heatmaps, clean accuracy vs bits, twin vs integer
+transfer, the fitted accuracy model with its goodness of fit, warnings, provenance.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qrobust.checkpoint import atomic_write_bytes
+from qrobust.eval.store import ResultStore
+from qrobust.report import plots
+from qrobust.report.fit import FORMULA, PARAMS, Fit, fit_accuracy
+from qrobust.report.tables import FLOAT_BITS, Record, cross_checks, records
+
+
+@dataclass
+class Figure:
+    name: str  # file stem
+    title: str
+    png: bytes
+    caption: str = ""
+
+
+@dataclass
+class Report:
+    title: str
+    study: dict
+    recs: list[Record]
+    fits: dict[tuple, Fit | str]
+    figures: list[Figure] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (where, message)
+    provenance: dict = field(default_factory=dict)
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def fit_all(recs: list[Record]) -> dict[tuple, Fit | str]:
+    """One accuracy(bits, eps) fit per (model, defense, attack) over its recipes."""
+    out: dict[tuple, Fit | str] = {}
+    for key in sorted({(r.model, r.defense, r.attack) for r in recs}):
+        pts = [r for r in recs if (r.model, r.defense, r.attack) == key
+               and r.metrics["robust_acc"] is not None]
+        if len({r.bits for r in pts}) < 2:
+            out[key] = "a single bit width: nothing to fit across bits"
+            continue
+        out[key] = fit_accuracy(np.array([r.bits for r in pts]), np.array([r.eps for r in pts]),
+                                np.array([r.metrics["robust_acc"] for r in pts]))
+    return out
+
+
+def load_rows(store_file: str | Path) -> tuple[list[dict], dict]:
+    """The study's rows and its config. Rows of cells that are not in the latest run's plan
+    (an earlier version of the study written to the same store) stay stored but are left out."""
+    with ResultStore(store_file) as store:
+        rows = store.rows("robustness")
+        study = store.get_meta("study", {}) or {}
+        planned = store.get_meta("plan")
+    if planned is not None:
+        keep = set(planned)
+        rows = [r for r in rows if r["key"] in keep]
+    return rows, study
+
+
+def build_report(store_file: str | Path) -> Report:
+    rows, study = load_rows(store_file)
+    recs = records(rows)
+    fits = fit_all(recs)
+    prov = {}
+    if rows:
+        shas = sorted({str(r["git_sha"]) for r in rows})
+        prov = {"git_sha": ", ".join(shas), "versions": rows[-1]["versions"],
+                "cells": len(rows),
+                "compute_seconds": round(sum(r["metrics"].get("seconds", 0) for r in rows), 1)}
+    rep = Report(f"qrobust study: {study.get('name', Path(store_file).parent.name)}", study,
+                 recs, fits, provenance=prov)
+    for model in sorted({r.model for r in recs}):
+        mfits = {k: v for k, v in fits.items() if isinstance(v, Fit)}
+        rep.figures.append(Figure(f"{model}-acc-vs-eps", f"{model}: accuracy vs eps",
+                                  plots.accuracy_vs_eps(recs, model, mfits),
+                                  "Robust accuracy of the (defended) fake-quant twin under each "
+                                  "attack, a curve per recipe; error bars: sd over seeds; dashed: "
+                                  "the fitted accuracy model."))
+        for defense in sorted({r.defense for r in recs if r.model == model}):
+            for attack in sorted({r.attack for r in recs if r.model == model}):
+                rep.figures.append(Figure(f"{model}-heatmap-{attack}-{defense}",
+                                          f"bits x eps: {attack}, defense {defense}",
+                                          plots.heatmap(recs, model, defense, attack)))
+        rep.figures.append(Figure(f"{model}-clean-vs-bits", f"{model}: clean accuracy vs bits",
+                                  plots.clean_vs_bits(recs, model)))
+        png = plots.transfer(recs, model)
+        notes = sorted({n for r in recs if r.model == model for n in r.notes})
+        if png is not None:
+            rep.figures.append(Figure(f"{model}-transfer", f"{model}: twin vs integer model", png,
+                                      "x_adv crafted on the twin, evaluated on the integer model."))
+        for key, fit in fits.items():
+            if key[0] == model and isinstance(fit, Fit):
+                pts = [r for r in recs if (r.model, r.defense, r.attack) == key
+                       and r.metrics["robust_acc"] is not None]
+                rep.figures.append(Figure(f"{model}-fit-{key[2]}-{key[1]}",
+                                          f"fit: {key[2]}, defense {key[1]}",
+                                          plots.fit_quality(pts, fit, f"{key[2]} · {key[1]}")))
+        rep.warnings += [(f"{model} integer model", n) for n in notes]
+    for r in recs:
+        where = f"{r.model}/{r.recipe}/{r.defense}/{r.attack}@eps={r.eps * 255:.3g}/255"
+        rep.warnings += [(where, w) for w in r.warnings]
+    rep.warnings += [("cross-cell check", w) for w in cross_checks(recs)]
+    return rep
+
+
+def summary_table(recs: list[Record]) -> tuple[list[str], list[list[str]]]:
+    """Rows (model, defense, attack, recipe): clean acc (twin / integer), robust acc per eps."""
+    eps_all = sorted({r.eps for r in recs})
+    head = ["model", "defense", "attack", "recipe", "clean", "clean int"] + [
+        f"{e * 255:.3g}/255" for e in eps_all]
+    body = []
+    keys = sorted({(r.model, r.defense, r.attack, r.recipe, r.bits) for r in recs},
+                  key=lambda k: (k[0], k[1] != "none", k[1], k[2], -k[4], k[3]))
+    for model, defense, attack, recipe, _ in keys:
+        rs = {r.eps: r for r in recs if (r.model, r.defense, r.attack, r.recipe) ==
+              (model, defense, attack, recipe)}
+        any_r = next(iter(rs.values()))
+        body.append([model, defense, attack, recipe, _fmt(any_r.metrics["clean_acc"]),
+                     _fmt(any_r.metrics.get("clean_acc_int"))] +
+                    [_fmt(rs[e].metrics["robust_acc"]) if e in rs else "" for e in eps_all])
+    return head, body
+
+
+def transfer_table(recs: list[Record]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "defense", "attack", "recipe", "eps", "robust twin", "robust int",
+            "transfer rate", "disagreement", "mean linf", "mean l2"]
+    body = [[r.model, r.defense, r.attack, r.recipe, f"{r.eps * 255:.3g}/255",
+             _fmt(r.metrics["robust_acc"]), _fmt(r.metrics.get("robust_acc_int")),
+             _fmt(r.metrics.get("transfer_rate")), _fmt(r.metrics.get("disagreement")),
+             _fmt(r.metrics.get("mean_linf"), 4), _fmt(r.metrics.get("mean_l2"), 3)]
+            for r in recs if r.eps > 0]
+    return head, body
+
+
+def fit_table(fits: dict[tuple, Fit | str]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "defense", "attack", "n", "R²", "RMSE", *PARAMS]
+    body = []
+    for (model, defense, attack), f in sorted(fits.items()):
+        if isinstance(f, Fit):
+            body.append([model, defense, attack, str(f.n), f"{f.r2:.3f}", f"{f.rmse:.3f}",
+                         *(f"{f.params[p]:.4g}" for p in PARAMS)])
+        else:
+            body.append([model, defense, attack, "–", "–", "–", f"not fitted: {f}",
+                         *[""] * (len(PARAMS) - 1)])
+    return head, body
+
+
+# -- markdown ---------------------------------------------------------------------------------
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def to_markdown(rep: Report, image_dir: str = ".") -> str:
+    parts = [f"# {rep.title}", ""]
+    if rep.provenance:
+        p = rep.provenance
+        parts += [f"{p['cells']} cells; git {p['git_sha']}; compute {p['compute_seconds']} s", ""]
+    parts += ["## Clean and robust accuracy (fake-quant twin)", "",
+              "Columns after 'clean int' are robust accuracy at each eps (linf unless the "
+              "attack says otherwise).", "", _md_table(*summary_table(rep.recs)), ""]
+    parts += ["## Fitted model of accuracy(bits, eps)", "", f"`{FORMULA}`", "",
+              "bits = the smaller of weight/activation bits, 32 for float recipes; least squares "
+              "(scipy.optimize.curve_fit); R² and RMSE on the fitted points.", "",
+              _md_table(*fit_table(rep.fits)), ""]
+    parts += ["## Figures", ""]
+    parts += [f"![{f.title}]({image_dir}/{f.name}.png)" for f in rep.figures]
+    parts += ["", "## Warnings", ""]
+    parts += [f"- **{w}**: {m}" for w, m in rep.warnings] or ["none"]
+    parts += ["", "## Twin vs integer model", "", _md_table(*transfer_table(rep.recs)), ""]
+    return "\n".join(parts) + "\n"
+
+
+# -- html -------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;
+max-width:1200px;color:#222;line-height:1.4;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:0.2em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;
+margin-top:1.6em}table{border-collapse:collapse;font-size:12px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
+td:nth-child(-n+4),th:nth-child(-n+4){text-align:left}.meta{color:#666;font-size:12px}
+figure{display:inline-block;margin:8px;vertical-align:top}figcaption{font-size:12px;color:#555;
+max-width:760px}img{max-width:100%;border:1px solid #eee}.warn{color:#8a4b00}
+code{background:#f6f6f6;padding:1px 4px}pre{background:#f6f6f6;padding:8px;font-size:11px;
+overflow-x:auto}
+"""
+
+
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in body)
+    return f"<table><tr>{h}</tr>{rows}</table>"
+
+
+def _img(f: Figure) -> str:
+    data = base64.b64encode(f.png).decode()
+    cap = html.escape(f.title + (": " + f.caption if f.caption else ""))
+    return (f'<figure><img alt="{html.escape(f.title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{cap}</figcaption></figure>")
+
+
+def to_html(rep: Report) -> str:
+    import yaml
+
+    e = html.escape
+    figs = {k: [f for f in rep.figures if k in f.name] for k in
+            ("acc-vs-eps", "heatmap", "clean-vs-bits", "transfer", "fit-")}
+    p = rep.provenance
+    meta = (f"{p['cells']} cells · git {e(str(p['git_sha']))} · compute {p['compute_seconds']} s"
+            if p else "no rows")
+    warn = "".join(f"<li class='warn'><b>{e(w)}</b>: {e(m)}</li>" for w, m in rep.warnings)
+    no_int = "" if figs["transfer"] else (
+        "<p>No cell has an integer model (see warnings for why); only the twin was attacked.</p>")
+    sections = [
+        f"<h1>{e(rep.title)}</h1><p class='meta'>{meta}</p>",
+        "<h2>Clean and robust accuracy</h2><p>Robust accuracy of the (defended) fake-quant twin "
+        "per eps; the attack runs only on points still classified correctly.</p>",
+        _html_table(*summary_table(rep.recs)),
+        "<h2>Accuracy vs eps (a curve per bit width)</h2>",
+        *map(_img, figs["acc-vs-eps"]),
+        "<h2>Bits x eps</h2>", *map(_img, figs["heatmap"]),
+        "<h2>Clean accuracy vs bits</h2>", *map(_img, figs["clean-vs-bits"]),
+        "<h2>Twin vs integer model</h2>", no_int, *map(_img, figs["transfer"]),
+        "<details><summary>transfer table</summary>", _html_table(*transfer_table(rep.recs)),
+        "</details>",
+        "<h2>Fitted model of accuracy(bits, eps)</h2>",
+        f"<p><code>{e(FORMULA)}</code></p><p>b = the smaller of weight and activation bits "
+        f"({FLOAT_BITS} for float recipes); the accuracy floor is 0; least-squares fit "
+        "(scipy.optimize.curve_fit) per (model, defense, attack) across recipes and eps. "
+        "Goodness of fit: R² and RMSE over the fitted points (n).</p>",
+        _html_table(*fit_table(rep.fits)), *map(_img, figs["fit-"]),
+        f"<h2>Warnings ({len(rep.warnings)})</h2>",
+        f"<ul>{warn}</ul>" if warn else "<p>none</p>",
+        "<h2>Study config and provenance</h2>",
+        f"<pre>{e(yaml.safe_dump(rep.study, sort_keys=False))}</pre>",
+        f"<pre>{e(json.dumps(p.get('versions', {}), indent=1))}</pre>",
+    ]
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{e(rep.title)}</title><style>{_CSS}</style></head><body>"
+            + "\n".join(sections) + "</body></html>\n")
+
+
+def write_report(store_file: str | Path, out: str | Path) -> dict[str, Path]:
+    """Write ``report.html`` (self-contained), ``report.md`` and the PNGs under ``out``."""
+    rep = build_report(store_file)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in rep.figures:
+        f.name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f.name).strip("-")
+        atomic_write_bytes(out / "figures" / f"{f.name}.png",
+                           lambda tmp, f=f: Path(tmp).write_bytes(f.png))
+    html_path, md_path = out / "report.html", out / "report.md"
+    atomic_write_bytes(html_path, lambda tmp: Path(tmp).write_text(to_html(rep)))
+    atomic_write_bytes(md_path, lambda tmp: Path(tmp).write_text(to_markdown(rep, "figures")))
+    for path in (html_path, md_path, *(out / "figures").glob("*.png")):
+        path.chmod(0o644)  # mkstemp creates 0600 files; a report is meant to be shared
+    return {"html": html_path, "md": md_path}
