@@ -6,6 +6,9 @@ Three certifiers on the same checkpoint, the same test images and the same n0 / 
   (per image: repeat the image, add sigma * randn, run the float model, bincount; the
   Clopper-Pearson bound from scipy's beta quantile), as in locuslab/smoothing core.py;
 * ``ours_float``: :class:`qrobust.certify.Smoothed` with :class:`GaussianNoise`;
+* ``ours_float_clipped`` (opt-in): the same with ``GaussianNoise(clip=True)``, i.e. float
+  smoothing of f(clip(x + noise, 0, 1)), the base classifier integer smoothing certifies (its
+  codes are clipped to [0, 255]); it separates the cost of clipping from that of integers;
 * ``ours_integer``: :class:`Smoothed` with :class:`IntegerNoise` (exact discrete-Gaussian
   noise table, pixel codes, the ONNX Runtime int8 IntegerModel of the w8a8 twin);
 * ``ours_float_twin`` (with ``--twin``): float smoothing of the fake-quant twin, to tell the
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import beta, norm
+from tqdm import tqdm
 
 RADII = (0.0, 0.25, 0.5, 0.75)
 
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--twin", action="store_true",
                         help="also float-smooth the fake-quant twin (separates the effect of "
                              "quantization from that of the integer noise on accuracy)")
+    parser.add_argument("--methods", default="reference_fp32,ours_float,ours_integer",
+                        help="comma-separated subset of reference_fp32, ours_float, "
+                             "ours_float_clipped, ours_integer (ours_integer is always run: the "
+                             "ratios are against it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results/certify_speed.json")
@@ -118,8 +126,16 @@ def main(argv: list[str] | None = None) -> dict:
         "reference_fp32": lambda x, g: reference_certify(model, x, args.sigma, args.n0, args.n,
                                                          args.alpha, args.batch_size, k, g),
         "ours_float": run_ours(ours_f),
+        # the base classifier IntRS certifies: f(clip(x + noise)), in float
+        "ours_float_clipped": run_ours(Smoothed(GaussianNoise(model, args.sigma, clip=True), k,
+                                                batch_size=args.batch_size)),
         "ours_integer": run_ours(ours_i),
     }
+    keep = set(args.methods.split(",")) | {"ours_integer"}
+    unknown = keep - set(methods)
+    if unknown:
+        parser.error(f"unknown --methods {sorted(unknown)}; choose from {sorted(methods)}")
+    methods = {name: fn for name, fn in methods.items() if name in keep}
     if args.twin:
         methods["ours_float_twin"] = run_ours(Smoothed(GaussianNoise(twin, args.sigma), k,
                                                        batch_size=args.batch_size))
@@ -128,23 +144,35 @@ def main(argv: list[str] | None = None) -> dict:
         fn(x_all[:1], torch.Generator().manual_seed(0))
     times = {m: [] for m in methods}
     results = {m: [] for m in methods}
-    for i in idx.tolist():
+    eta = ours_i.noisy.eta(tuple(ds.input_shape))
+    out: dict = {}
+    for i in tqdm(idx.tolist(), desc="certify", unit="img"):
         x = x_all[i:i + 1]
         for name, fn in methods.items():
             g = image_generator(args.seed, i)
             start = time.perf_counter()
             results[name].append(fn(x, g))
             times[name].append(time.perf_counter() - start)
-    labels = y_all[idx].tolist()
+        # rewritten after every image: a stopped run keeps what it certified
+        out = summarize(args, argv, meta, ds.name, eta, idx, y_all, times, results)
+    return out
+
+
+def summarize(args, argv, meta, dataset, eta, idx, y_all, times, results) -> dict:
+    """The JSON of the images certified so far (written to ``args.out``)."""
+    done = len(next(iter(times.values())))
+    labels = y_all[idx[:done]].tolist()
     report = {}
-    for name in methods:
+    for name in times:
         total = sum(times[name])
-        report[name] = {"seconds": total, "images_per_s": len(idx) / total,
+        report[name] = {"seconds": total, "images_per_s": done / total,
                         "median_s_per_image": statistics.median(times[name]),
                         "certified_accuracy": certified(results[name], labels),
-                        "abstain_rate": sum(c is None for c, _ in results[name]) / len(idx)}
+                        "abstain_rate": sum(c is None for c, _ in results[name]) / done}
     ratio = {}
-    for base in ("reference_fp32", "ours_float"):
+    for base in ("reference_fp32", "ours_float", "ours_float_clipped", "ours_float_twin"):
+        if base not in report:
+            continue
         ratio[f"ours_integer_vs_{base}"] = {
             "speedup_of_medians": report[base]["median_s_per_image"]
             / report["ours_integer"]["median_s_per_image"],
@@ -154,14 +182,18 @@ def main(argv: list[str] | None = None) -> dict:
                           - report[base]["certified_accuracy"][r])
                 for r in report[base]["certified_accuracy"]},
         }
-    eta = ours_i.noisy.eta(tuple(ds.input_shape))
     out = {"benchmark": "certify_speed", "command": " ".join([Path(sys.argv[0]).name, *(argv or
                                                                                     sys.argv[1:])]),
-           "ckpt": args.ckpt, "dataset": ds.name, "arch": meta["model"]["arch"],
-           "images": len(idx), "sigma": args.sigma, "n0": args.n0, "n": args.n,
-           "alpha": args.alpha, "batch_size": args.batch_size, "threads": args.threads,
-           "recipe": args.recipe, "backend": args.backend, "integer_noise": args.noise,
-           "integer_radius_eta": eta, "methods": report, "ratios": ratio,
+           "ckpt": args.ckpt, "dataset": dataset, "arch": meta["model"]["arch"],
+           "images": done, "images_planned": len(idx), "sigma": args.sigma, "n0": args.n0,
+           "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
+           "threads": args.threads, "recipe": args.recipe, "backend": args.backend,
+           "integer_noise": args.noise, "integer_radius_eta": eta, "methods": report,
+           "ratios": ratio,
+           "per_image": [{"index": int(i), "label": int(y), **{
+               name: {"prediction": results[name][j][0], "radius": float(results[name][j][1])}
+               for name in results}} for j, (i, y) in enumerate(zip(idx[:done].tolist(), labels,
+                                                                   strict=True))],
            "machine": {"python": platform.python_version(), "torch": torch.__version__,
                        "cpu_count": torch.get_num_threads()},
            "note": "times include noise generation and the n0 pass; methods interleaved per "

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qrobust.attacks import ATTACKS, Autograd, ThreatModel, auto_estimator, evaluate_robustness
+from qrobust.checkpoint import load_checkpoint
 from qrobust.data import Dataset, load_dataset, take
 from qrobust.defenses import sq
 from qrobust.defenses.amplification import compare_amplification, plot_amplification
@@ -48,7 +49,7 @@ from qrobust.defenses.shield import stochastic_shield
 from qrobust.models import build_model
 from qrobust.provenance import provenance
 from qrobust.quant import quantize
-from qrobust.train import TrainConfig, accuracy, fit, model_spec
+from qrobust.train import accuracy, default_config, fit, model_spec
 
 log = logging.getLogger("defenses_study")
 
@@ -68,30 +69,43 @@ def cached(path: Path, build, train):
 
 def build_models(args, ds) -> tuple[dict, dict]:
     """name -> model, and training info per name."""
-    spec = model_spec("small-cnn", ds, width=args.width)
+    kwargs = {"width": args.width} if args.arch == "small-cnn" else {}
+    spec = model_spec(args.arch, ds, **kwargs)
     calib, _ = take(ds.train, 512, seed=1).tensors()
     cache = Path(args.cache)
     info: dict = {}
     sub = Dataset(ds.name, take(ds.train, args.n_finetune, seed=2), ds.test, ds.classes, ds.source)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.05, seed=args.seed)
+    def config(epochs, lr):  # the dataset's augmentation (crop + flip on CIFAR-10)
+        return default_config(args.arch, ds.name, epochs=epochs, batch_size=128, lr=lr,
+                              seed=args.seed)
+
+    cfg = config(args.epochs, 0.05)
 
     def train_float():
         torch.manual_seed(args.seed)
-        f = fit("small-cnn", ds, cfg, model=build_model(spec), progress=False)
+        f = fit(args.arch, ds, cfg, model=build_model(spec), progress=False)
         return f.model, f.meta["metrics"]
 
-    float_model, info["float"] = cached(cache / "float.safetensors", lambda: build_model(spec),
-                                        train_float)
+    if args.init:
+        float_model, meta = load_checkpoint(args.init)
+        if meta["model"]["arch"] != args.arch or meta["dataset"] != ds.name:
+            raise SystemExit(f"--init {args.init} is a {meta['model']['arch']} on "
+                             f"{meta['dataset']}, not {args.arch} on {ds.name}")
+        float_model.eval()
+        info["float"] = {"checkpoint": args.init, **meta.get("metrics", {})}
+    else:
+        float_model, info["float"] = cached(cache / "float.safetensors",
+                                            lambda: build_model(spec), train_float)
     models = {"float": float_model}
     for bits in args.bits:
         models[f"ptq-w{bits}a{bits}"] = quantize(float_model, f"w{bits}a{bits}", calib)
-    qat_cfg = TrainConfig(epochs=args.qat_epochs, batch_size=128, lr=0.01, seed=args.seed)
+    qat_cfg = config(args.qat_epochs, 0.01)
     for bits in args.bits:
         runs = [(f"qat-w{bits}a{bits}", 0.0)] + [(f"dq-w{bits}a{bits}-beta{b:g}", b)
                                                   for b in args.beta]
         for name, beta in runs:
             def train_dq(bits=bits, beta=beta):
-                f = fit_dq("small-cnn", sub, qat_cfg, bits, bits, beta, init=float_model,
+                f = fit_dq(args.arch, sub, qat_cfg, bits, bits, beta, init=float_model,
                            progress=False)
                 return f.model, f.meta["metrics"]
 
@@ -99,11 +113,12 @@ def build_models(args, ds) -> tuple[dict, dict]:
                 cache / f"{name.split('-beta')[0]}-beta{beta:g}.safetensors",
                 lambda bits=bits: dq_model(build_model(spec), bits, bits, calib), train_dq)
     if not args.no_ensemble:
-        ens_cfg = TrainConfig(epochs=args.ens_epochs, batch_size=128, lr=0.05, seed=args.seed)
+        ens_cfg = config(args.ens_epochs, args.ens_lr)
 
         def train_ens():
-            f = fit_sq_ensemble("small-cnn", sub, ens_cfg, k=args.k, bits=4, weight=args.mi_weight,
-                                progress=False, model_kwargs={"width": args.width})
+            f = fit_sq_ensemble(args.arch, sub, ens_cfg, k=args.k, bits=4, weight=args.mi_weight,
+                                progress=False, model_kwargs=kwargs,
+                                init=float_model if args.init else None)
             return f.model, f.meta["metrics"]
 
         models["sq-ensemble"], info["sq-ensemble"] = cached(
@@ -193,8 +208,10 @@ def write_reports(result: dict, out: Path) -> None:
     plot_amplification(result["amplification"], f"{stem}_amplification.png")
     if plane:
         plot_information_plane(plane, f"{stem}_aip.png")
+    arch = cfg.get("arch", "small-cnn")
+    arch = f"small-cnn (width {cfg['width']})" if arch == "small-cnn" else arch
     md = [f"# Defenses study on {result['dataset']}", "",
-          f"small-cnn (width {cfg['width']}); PGD Linf {cfg['steps']} steps, step 2.5 eps/steps, "
+          f"{arch}; PGD Linf {cfg['steps']} steps, step 2.5 eps/steps, "
           f"random start; robust accuracy 'plain / adaptive' on {cfg['n_test']} test points "
           f"({cfg['n_random']} for randomized models); EOT {cfg['eot']}. Produced by "
           f"`benchmarks/defenses_study.py` with config {json.dumps(cfg)}.", "",
@@ -235,7 +252,11 @@ def main() -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--out", default="benchmarks/results/defenses_fashion_mnist.json")
     p.add_argument("--cache", default="runs/defenses-study")
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--arch", default="small-cnn", help="small-cnn or resnet20")
+    p.add_argument("--init", default=None, help="a trained float checkpoint of --arch: used as "
+                   "the float model and as the start of QAT, DQ and the ensemble members")
+    p.add_argument("--width", type=int, default=16, help="small-cnn width")
+    p.add_argument("--ens-lr", type=float, default=0.05)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--ens-epochs", type=int, default=3)

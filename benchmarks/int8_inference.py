@@ -1,5 +1,5 @@
 """Images/s at batch 256 for small-cnn (MNIST) and resnet20 (CIFAR-10): torch fp32, ORT fp32,
-ORT int8 (w8a8 twin exported with its own scales) and the reference integer executor, plus
+ORT int8 (w8a8 twin exported with its own scales, QDQ and QOperator formats) and the reference integer executor, plus
 this CPU's int8 GEMM throughput (ORT MatMulInteger, torch._int_mm) for comparison.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/int8_inference.py [--threads 1]
@@ -143,13 +143,15 @@ def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: in
     codes = pixel_codes(x)
     u8 = codes.to(torch.uint8).numpy()
     xf = x.numpy()
-    ort_int8 = session(export_int8(program), threads)
+    ort_int8 = session(export_int8(program, "qdq"), threads)
+    ort_qop = session(export_int8(program, "qoperator"), threads)
     ort_fp32 = session(float_model_proto(program), threads)
     reference = ReferenceIntegerModel(twin, shape, chunk=batch)
     runs = {
         "torch_fp32": lambda: _no_grad(model, x),
         "ort_fp32": lambda: ort_fp32.run(["logits"], {"x": xf}),
         "ort_int8": lambda: ort_int8.run(["logits"], {"pixels": u8}),
+        "ort_int8_qoperator": lambda: ort_qop.run(["logits"], {"pixels": u8}),
         "reference_int": lambda: reference.forward_pixels(codes),
     }
     med = timed_round_robin(runs, rounds, slow={"reference_int": ref_rounds})
@@ -160,6 +162,7 @@ def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: in
     return {"model": arch, "input_shape": list(shape), "weights": source, "batch": batch,
             "median_seconds_per_batch": med, "images_per_s": ips,
             "int8_over_ort_fp32": ips["ort_int8"] / ips["ort_fp32"],
+            "int8_qoperator_over_ort_fp32": ips["ort_int8_qoperator"] / ips["ort_fp32"],
             "int8_over_torch_fp32": ips["ort_int8"] / ips["torch_fp32"],
             "macs_per_image": macs,
             "ort_int8_gmac_per_s": macs * ips["ort_int8"] / 1e9,
@@ -190,10 +193,13 @@ def main() -> None:
         row["ort_int8_fraction_of_int8_gemm_peak"] = row["ort_int8_gmac_per_s"] / int8_peak
     out = {"benchmark": "int8_inference", "threads": args.threads, "rounds": args.rounds,
            "recipe": "w8a8 (per-channel symmetric int8 weights, uint8 activations)",
+           "formats": "ort_int8: QDQ export (ORT fuses it into QLinearConv/QLinearAdd/QGemm); "
+                      "ort_int8_qoperator: the same program written as QLinear ops",
            "command": f"OMP_NUM_THREADS={args.threads} nice -n 10 .venv/bin/python "
                       f"benchmarks/int8_inference.py --threads {args.threads}",
            "cpu_int8_gemm": peak, "models": rows, "target_int8_over_ort_fp32": 2.5,
-           "note": "medians of round-robin rounds on a shared, loaded 2-core machine",
+           "note": "medians of round-robin rounds (one batch of each backend per round) on a "
+                   "shared 2-core machine",
            **provenance()}
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -147,3 +147,19 @@ def test_certified_accuracy_counts_label_and_radius():
     radii, values = curve(certs, labels, steps=5, max_radius=0.6)
     assert radii.tolist() == pytest.approx([0, 0.15, 0.3, 0.45, 0.6])
     assert values.tolist() == [0.5, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_clip_smooths_the_clipped_base_classifier():
+    """GaussianNoise(clip=True) feeds clip(x + noise, 0, 1) to the base classifier: a classifier
+    that answers 1 only for a pixel above 1 never does, while unclipped noise often gets there."""
+
+    class AboveOne(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = x.flatten(1)[:, :1] - 1.0
+            return torch.cat([-s, s], 1)
+
+    x = torch.full((1, *SHAPE), 0.95)
+    for clip, lo, hi in ((False, 0.3, 0.6), (True, 0.0, 0.0)):  # P[0.95 + N(0, .25^2) > 1] = 0.42
+        counts = Smoothed(GaussianNoise(AboveOne(), 0.25, clip=clip), 2, batch_size=500).counts(
+            x, 2000, torch.Generator().manual_seed(0))
+        assert lo <= counts[0, 1].item() / 2000 <= hi, (clip, counts)

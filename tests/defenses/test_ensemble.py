@@ -151,3 +151,29 @@ def test_fit_save_load_round_trip(tmp_path):
     a = fitted.model.eval()(x)
     sq.seed(5)
     torch.testing.assert_close(loaded(x), a)
+
+
+def test_fit_from_a_trained_model_starts_every_member_there():
+    """``init``: each member is its own copy of the float model (fine-tuning, not sharing)."""
+    from qrobust.data import load_dataset, take
+    from qrobust.data.core import Dataset
+    from qrobust.defenses.ensemble import fit_sq_ensemble
+    from qrobust.models import build_model
+    from qrobust.train import model_spec
+
+    ds = load_dataset("digits")
+    small = Dataset(ds.name, take(ds.train, 200), take(ds.test, 50), ds.classes, ds.source)
+    torch.manual_seed(0)
+    init = build_model(model_spec("mlp", small))
+    before = {k: v.clone() for k, v in init.state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=50, lr=1e-3, optimizer="adam", seed=0)
+    ens = fit_sq_ensemble("mlp", small, cfg, k=2, bits=4, weight=0.1, init=init).model
+    for k, v in init.state_dict().items():  # the init model itself is untouched
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    for member in ens.members:
+        w = dict(member.named_parameters())
+        for name, p in init.named_parameters():  # fine-tuned a little from the same start
+            assert w[name].data_ptr() != p.data_ptr()
+            assert (w[name] - p).abs().max() < 0.05
+    a, b = (dict(m.named_parameters()) for m in ens.members)
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # the diversity term pulls them apart

@@ -51,6 +51,17 @@ def test_noise_augmentation_and_adam(digits):
                       schedule="cosine", seed=0)
     fitted = fit("small-cnn", digits, cfg, progress=False)
     assert accuracy(fitted.model, digits.test) > 0.5
+    # the kept epoch is chosen by accuracy under the training noise (a smoothing base model)
+    hist = fitted.meta["history"]
+    assert fitted.meta["metrics"]["val_acc"] == max(h["val_acc"] for h in hist)
+
+
+def test_noisy_accuracy_is_seeded_and_lower_under_heavy_noise(digits_cnn, digits):
+    model = digits_cnn.model
+    clean = accuracy(model, digits.test)
+    a = accuracy(model, digits.test, noise_sigma=1.0, seed=5)
+    assert a == accuracy(model, digits.test, noise_sigma=1.0, seed=5)
+    assert a < clean - 0.2  # a clean-trained net under sigma=1 noise: far below clean
 
 
 def test_bad_configs_are_refused():
@@ -65,3 +76,15 @@ def test_default_recipes():
     assert default_config("mlp", "mnist").batch_size == 32
     cifar = default_config("resnet20", "cifar10", epochs=2)
     assert cifar.flip and cifar.crop_padding == 4 and cifar.epochs == 2
+
+
+def test_one_cycle_on_a_run_too_short_for_its_warm_up(digits):
+    """A few steps leave no room for one-cycle's warm-up phase: the loop anneals instead of
+    dividing by zero inside the scheduler."""
+    from qrobust.data import take
+    from qrobust.data.core import Dataset
+
+    tiny = Dataset(digits.name, take(digits.train, 120), digits.test, digits.classes,
+                   digits.source)
+    fitted = fit("mlp", tiny, TrainConfig(epochs=1, batch_size=32, seed=0), progress=False)
+    assert len(fitted.meta["history"]) == 1

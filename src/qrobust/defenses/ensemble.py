@@ -26,6 +26,7 @@ K; ours, stated:
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Sequence
@@ -200,8 +201,12 @@ def ensemble_from_meta(meta: dict) -> SQEnsemble:
 def fit_sq_ensemble(arch: str, data, cfg, k: int = 3, bits: int = 4, hi: float = 6.0,
                     weight: float = 0.1, member_ce: float = 1.0,
                     reduce: Literal["mean", "vote"] = "mean", progress: bool | None = None,
-                    model_kwargs: dict | None = None):
+                    model_kwargs: dict | None = None, init: nn.Module | None = None):
     """Train an SQ ensemble of ``k`` ``arch`` members on ``data`` with the one training loop.
+
+    ``init``: a trained float model every member starts from (fine-tuning; the members then
+    differ only through the stochastic quantizers and the diversity term), else fresh members
+    with seeds ``cfg.seed + i``.
 
     Returns :class:`qrobust.train.Fitted`; its metadata has ``kind``-ready fields: save it with
     ``save_checkpoint(out, fitted.model, fitted.meta, kind="sq-ensemble")``.
@@ -210,7 +215,8 @@ def fit_sq_ensemble(arch: str, data, cfg, k: int = 3, bits: int = 4, hi: float =
     from qrobust.train import fit, model_spec
 
     spec = model_spec(arch, data, **(model_kwargs or {}))
-    ens = build_sq_ensemble(lambda: build_model(spec), k, bits, hi, cfg.seed, reduce)
+    member = (lambda: copy.deepcopy(init)) if init is not None else (lambda: build_model(spec))
+    ens = build_sq_ensemble(member, k, bits, hi, cfg.seed, reduce)
     fitted = fit(arch, data, cfg, extra_losses=[EnsembleLoss(weight, member_ce)],
                  progress=progress, model=ens)
     fitted.meta["model"] = spec.to_dict()

@@ -1,17 +1,23 @@
 """ONNX Runtime int8 backend: the lowered integer program as an ONNX graph of integer ops.
 
 The graph is built directly with ``onnx.helper`` from the twin's own integer weights, scales
-and zero points (QOperator format, no re-calibration, no torch.onnx):
+and zero points (no re-calibration, no torch.onnx), in one of two standard formats:
 
-* conv and hidden linear layers: ``QLinearConv`` (uint8 activations x int8 per-channel
-  weights, int32 bias, requantization fused; linear layers run as 1x1 convolutions);
-* residual adds: ``com.microsoft.QLinearAdd``; global average pooling:
-  ``com.microsoft.QLinearGlobalAveragePool``; max-pooling and flatten on uint8 directly;
-* the last layer: ``MatMulInteger`` (uint8 x int8 -> int32) + int32 bias, then one float
-  multiply by the accumulator scale gives the logits (exactly as the reference executor);
-* the input: uint8 pixel codes; the first layer's per-channel zero point round(255 mean_c)
-  is exact: the input is padded explicitly with z_c and ``-sum w z_c`` is folded into the
-  int32 bias, so the convolution sees ``q - z_c`` with zero padding.
+* ``qdq`` (default, the portable one): every conv / add / pool is
+  ``DequantizeLinear -> float op -> QuantizeLinear`` with int8 per-channel weights and int32
+  biases as ``DequantizeLinear`` constants; only default-domain ONNX ops. ORT fuses each group
+  into its integer kernel (:func:`fused_op_types` shows the result; the tests assert that
+  nothing is left in float but the last layer's float output);
+* ``qoperator``: the fused ops written out: ``QLinearConv`` (uint8 activations x int8
+  per-channel weights, int32 bias, requantization fused; linear layers as 1x1 convolutions),
+  ``com.microsoft.QLinearAdd``, ``com.microsoft.QLinearGlobalAveragePool``, and
+  ``MatMulInteger`` + int32 bias + one float multiply for the logits.
+
+Both formats give identical predictions and logits to each other (tested). Max-pooling and
+flatten run on uint8 directly. The input is uint8 pixel codes; the first layer's per-channel
+zero point round(255 mean_c) is exact: the input is padded explicitly with z_c and
+``-sum w z_c`` is folded into the int32 bias, so the convolution sees ``q - z_c`` with zero
+padding.
 
 Signed activation codes [-127, 127] are stored as uint8 with zero point 128. ORT requantizes
 with a float multiplier and rounds half to even, the reference executor with a fixed-point
@@ -93,24 +99,30 @@ def _weight_int8(op: ConvOp | LinearOp) -> np.ndarray:
     return w.numpy().astype(np.int8)
 
 
-def _input_padding(b: _Builder, x: _U8, op: ConvOp, shape: tuple[int, ...]) -> str:
-    """Pad raw pixel codes with their per-channel zero points (explicitly)."""
+def _input_padding(b: _Builder, x: _U8, op: ConvOp, shape: tuple[int, ...], extra: int) -> str:
+    """Pad raw pixel codes with their per-channel zero points (explicitly), and add ``extra``
+    all-zero channels (their weights are zero too)."""
     ph, pw = op.padding
-    if not ph and not pw:
+    if not ph and not pw and not extra:
         return x.name
     c, h, w = shape
-    pads = b.const(np.array([0, 0, ph, pw, 0, 0, ph, pw], dtype=np.int64), "pads")
+    pads = b.const(np.array([0, 0, ph, pw, 0, extra, ph, pw], dtype=np.int64), "pads")
     padded = b.node("Pad", [x.name, pads, b.const(_u8_value(0), "zero")], "pad")
-    mask = np.ones((1, c, h + 2 * ph, w + 2 * pw), dtype=bool)
+    if not ph and not pw:
+        return padded
+    mask = np.ones((1, c + extra, h + 2 * ph, w + 2 * pw), dtype=bool)
     mask[:, :, ph:ph + h, pw:pw + w] = False
-    fill = (np.asarray(x.zero_point, dtype=np.uint8).reshape(1, c, 1, 1)
-            * np.ones_like(mask, dtype=np.uint8))
+    mask[:, c:] = False
+    z = np.concatenate([np.asarray(x.zero_point, dtype=np.uint8), np.zeros(extra, np.uint8)])
+    fill = z.reshape(1, -1, 1, 1) * np.ones_like(mask, dtype=np.uint8)
     return b.node("Where", [b.const(mask, "border"), b.const(fill, "zfill"), padded], "padz")
 
 
-def _conv_inputs(b: _Builder, x: _U8, op: ConvOp | LinearOp, shape) -> tuple[str, int, np.ndarray,
-                                                                              list[int]]:
-    """(input name, x zero point, int32 bias, pads) with per-channel input zero points folded."""
+def _conv_inputs(b: _Builder, x: _U8, op: ConvOp | LinearOp,
+                 shape) -> tuple[str, int, np.ndarray, np.ndarray, list[int]]:
+    """(input name, x zero point, int8 weight, int32 bias, pads) with per-channel input zero
+    points folded into the bias."""
+    w8 = _weight_int8(op)
     w = op.weight.numpy().astype(np.int64)
     bias = op.bias.numpy().astype(np.int64)
     pads = list(op.padding) * 2 if isinstance(op, ConvOp) else [0, 0, 0, 0]
@@ -118,13 +130,16 @@ def _conv_inputs(b: _Builder, x: _U8, op: ConvOp | LinearOp, shape) -> tuple[str
         z = x.zero_point.astype(np.int64)
         if isinstance(op, ConvOp):
             bias = bias - np.einsum("ochw,c->o", w, z)
-            name = _input_padding(b, x, op, shape)
+            # ORT's int8 convolution is ~1.6x faster on 4 input channels than on 3 (RGB)
+            extra = -w8.shape[1] % 4
+            w8 = np.pad(w8, ((0, 0), (0, extra), (0, 0), (0, 0)))
+            name = _input_padding(b, x, op, shape, extra)
             pads = [0, 0, 0, 0]
         else:
             bias = bias - w @ z
             name = x.name
-        return name, 0, bias.astype(np.int32), pads
-    return x.name, int(x.zero_point), bias.astype(np.int32), pads
+        return name, 0, w8, bias.astype(np.int32), pads
+    return x.name, int(x.zero_point), w8, bias.astype(np.int32), pads
 
 
 def _out_repr(op: RequantOp) -> tuple[int, bool]:
@@ -138,8 +153,13 @@ def _out_repr(op: RequantOp) -> tuple[int, bool]:
     return op.zero_point + (128 if shifted else 0), shifted
 
 
-def build_int8_proto(program: Program) -> onnx.ModelProto:
+FORMATS = ("qdq", "qoperator")
+
+
+def build_int8_proto(program: Program, fmt: str = "qdq") -> onnx.ModelProto:
     """The ONNX int8 model of ``program``: input 'pixels' uint8 (N, C, H, W) -> 'logits'."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown ONNX int8 format {fmt!r}; choose from {', '.join(FORMATS)}")
     b = _Builder()
     slots: dict[str, _U8] = {}
     accs: dict[str, ConvOp | LinearOp | SumPoolOp] = {}
@@ -163,13 +183,14 @@ def build_int8_proto(program: Program) -> onnx.ModelProto:
                 zp = np.repeat(zp, int(np.prod(shapes[op.inp][1:])))
             slots[op.out] = _U8(b.node("Flatten", [x.name], "flatten", axis=1), x.scale, zp)
         elif isinstance(op, RequantOp):
-            slots[op.out] = _requant(b, op, slots, accs, shapes, program.codes[op.out].scale)
+            slots[op.out] = _requant(b, op, slots, accs, shapes, program.codes[op.out].scale,
+                                     qdq=fmt == "qdq")
         elif isinstance(op, OutputOp):
-            _output(b, op, slots, accs)
+            _output(b, op, slots, accs, qdq=fmt == "qdq")
         else:
             raise ConfigError(f"ONNX int8 export does not support {type(op).__name__}")
     graph = helper.make_graph(
-        b.nodes, "qrobust-int8",
+        b.nodes, f"qrobust-int8-{fmt}",
         [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", c, h, w])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", None])], b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
@@ -179,59 +200,93 @@ def build_int8_proto(program: Program) -> onnx.ModelProto:
 
 
 def _requant(b: _Builder, op: RequantOp, slots: dict[str, _U8], accs: dict, shapes,
-             scale: float) -> _U8:
+             scale: float, qdq: bool) -> _U8:
+    """The op feeding a requantization (conv / linear, residual add, average pool) and the
+    requantization itself: one QLinear* node, or (``qdq``) DequantizeLinear -> float op ->
+    QuantizeLinear, which ORT fuses into that same QLinear* kernel."""
     zp_out, _ = _out_repr(op)
     y_scale, y_zp = b.const(_f32(scale), "ys"), b.const(_u8_value(zp_out), "yz")
+
+    def operands(x: _U8) -> list[str]:
+        return [x.name, b.const(_f32(x.scale), "s"), b.const(_u8_value(int(x.zero_point)), "z")]
+
+    def quantize(real: str) -> str:
+        return b.node("QuantizeLinear", [real, y_scale, y_zp], "q")
+
     if len(op.terms) == 2 and all(t.slot in slots for t in op.terms):
-        ins = []
-        for t in op.terms:
-            x = slots[t.slot]
-            ins += [x.name, b.const(_f32(x.scale), "s"), b.const(_u8_value(int(x.zero_point)), "z")]
-        out = b.node("QLinearAdd", [*ins, y_scale, y_zp], "add", domain=MS)
+        xs = [slots[t.slot] for t in op.terms]
+        out = (quantize(b.node("Add", [_dq(b, x) for x in xs], "add")) if qdq else
+               b.node("QLinearAdd", [*operands(xs[0]), *operands(xs[1]), y_scale, y_zp], "add",
+                      domain=MS))
         return _U8(out, scale, zp_out)
     if len(op.terms) != 1 or op.terms[0].slot not in accs:
         raise ConfigError("ONNX int8 export: unsupported requantization pattern")
     src = accs[op.terms[0].slot]
     if isinstance(src, SumPoolOp):
         x = slots[src.inp]
-        out = b.node("QLinearGlobalAveragePool", [x.name, b.const(_f32(x.scale), "s"),
-                                                  b.const(_u8_value(int(x.zero_point)), "z"),
-                                                  y_scale, y_zp], "gap", domain=MS,
-                     channels_last=0)
+        out = (quantize(b.node("GlobalAveragePool", [_dq(b, x)], "gap")) if qdq else
+               b.node("QLinearGlobalAveragePool", [*operands(x), y_scale, y_zp], "gap", domain=MS,
+                      channels_last=0))
         return _U8(out, scale, zp_out)
     x = slots[src.inp]
-    name, x_zp, bias, pads = _conv_inputs(b, x, src, shapes.get(src.inp))
-    w8 = _weight_int8(src)
+    name, x_zp, w8, bias, pads = _conv_inputs(b, x, src, shapes.get(src.inp))
     o = w8.shape[0]
-    if isinstance(src, LinearOp):
+    if isinstance(src, LinearOp):  # as a 1x1 convolution
         name = b.node("Reshape", [name, b.const(np.array([-1, w8.shape[1], 1, 1]), "shape")],
                       "as4d")
         w8 = w8.reshape(o, -1, 1, 1)
-    w_scale = _f32(src.acc_scale.numpy() / x.scale)
-    out = b.node("QLinearConv", [name, b.const(_f32(x.scale), "xs"), b.const(_u8_value(x_zp), "xz"),
-                                 b.const(w8, "w"), b.const(w_scale, "ws"),
-                                 b.const(np.zeros(o, dtype=np.int8), "wz"), y_scale, y_zp,
-                                 b.const(bias, "b")], "qconv",
-                 pads=pads, strides=list(getattr(src, "stride", (1, 1))),
+    acc_scale = src.acc_scale.numpy()  # float64, rounded to float32 once, alike in both formats
+    w_scale, x_scale, x_zero = _f32(acc_scale / x.scale), _f32(x.scale), _u8_value(x_zp)
+    attrs = dict(pads=pads, strides=list(getattr(src, "stride", (1, 1))),
                  kernel_shape=list(w8.shape[2:]))
+    zeros = np.zeros(o, dtype=np.int8)
+    if qdq:
+        weight = _dq(b, b.const(w8, "w"), w_scale, zeros, axis=0)
+        bias = _dq(b, b.const(bias, "b"), _f32(acc_scale), zeros.astype(np.int32), axis=0)
+        out = quantize(b.node("Conv", [_dq(b, name, x_scale, x_zero), weight, bias], "conv",
+                              **attrs))
+    else:
+        out = b.node("QLinearConv", [name, b.const(x_scale, "xs"), b.const(x_zero, "xz"),
+                                     b.const(w8, "w"), b.const(w_scale, "ws"), b.const(zeros, "wz"),
+                                     y_scale, y_zp, b.const(bias, "b")], "qconv", **attrs)
     if isinstance(src, LinearOp):
         out = b.node("Reshape", [out, b.const(np.array([-1, o]), "shape")], "as2d")
     return _U8(out, scale, zp_out)
 
 
-def _output(b: _Builder, op: OutputOp, slots: dict[str, _U8], accs: dict) -> None:
+def _output(b: _Builder, op: OutputOp, slots: dict[str, _U8], accs: dict, qdq: bool) -> None:
+    """The last linear layer, float logits = acc * s_acc: ``MatMulInteger`` + int32 bias + one
+    multiply, or (``qdq``) DQ(x) @ DQ(W)^T + DQ(bias), which ORT fuses into ``QGemm``."""
     src = accs.get(op.inp)
     if not isinstance(src, LinearOp):
         raise ConfigError("ONNX int8 export needs the model to end with a linear layer")
     x = slots[src.inp]
-    name, x_zp, bias, _ = _conv_inputs(b, x, src, None)
-    w8 = _weight_int8(src)
-    acc = b.node("MatMulInteger", [name, b.const(np.ascontiguousarray(w8.T), "wt"),
-                                   b.const(_u8_value(x_zp), "az")], "mmi")
+    name, x_zp, w8, bias, _ = _conv_inputs(b, x, src, None)
+    w8 = np.ascontiguousarray(w8.T)
+    if qdq:
+        acc_scale = op.scale.numpy() * np.ones(w8.shape[1])
+        zeros = np.zeros(w8.shape[1], dtype=np.int8)
+        weight = _dq(b, b.const(w8, "wt"), _f32(acc_scale / x.scale), zeros, axis=1)
+        real = b.node("MatMul", [_dq(b, name, _f32(x.scale), _u8_value(x_zp)), weight], "matmul")
+        bias = _dq(b, b.const(bias, "b"), _f32(acc_scale), zeros.astype(np.int32), axis=0)
+        b.nodes.append(helper.make_node("Add", [real, bias], ["logits"]))
+        return
+    acc = b.node("MatMulInteger", [name, b.const(w8, "wt"), b.const(_u8_value(x_zp), "az")], "mmi")
     acc = b.node("Add", [acc, b.const(bias, "b")], "bias")
     real = b.node("Cast", [acc], "cast", to=TensorProto.FLOAT)
     out = b.node("Mul", [real, b.const(_f32(op.scale.numpy()), "scale")], "dq")
     b.nodes.append(helper.make_node("Identity", [out], ["logits"]))
+
+
+def _dq(b: _Builder, x: _U8 | str, scale=None, zero_point=None, axis: int | None = None) -> str:
+    """DequantizeLinear of a uint8 slot (or of a named constant with explicit scale / zp)."""
+    if isinstance(x, _U8):
+        name, scale, zero_point = x.name, _f32(x.scale), _u8_value(int(x.zero_point))
+    else:
+        name = x
+    attrs = {} if axis is None else {"axis": axis}
+    return b.node("DequantizeLinear", [name, b.const(scale, "s"), b.const(zero_point, "z")], "dq",
+                  **attrs)
 
 
 def float_model_proto(program: Program) -> onnx.ModelProto:
@@ -296,20 +351,36 @@ def session(proto: onnx.ModelProto, threads: int | None = None):
                                 providers=["CPUExecutionProvider"])
 
 
+def fused_op_types(proto: onnx.ModelProto) -> list[str]:
+    """The op types ORT actually runs for ``proto`` after its (hardware-independent) graph
+    optimizations: for a QDQ model, the integer kernels it fused the Q/DQ groups into."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
 class OnnxIntegerModel(IntegerModel):
     """ONNX Runtime int8 execution of a calibrated 8-bit twin (input shape fixed at export)."""
 
     backend = "onnx"
 
     def __init__(self, twin: nn.Module, input_shape: tuple[int, int, int] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, fmt: str = "qdq") -> None:
         super().__init__()
         shape = input_shape or getattr(twin, "input_shape", None)
         if shape is None:
             raise ConfigError("the ONNX backend needs the input shape: to_integer(twin, 'onnx', "
                               "input_shape=(C, H, W))")
         self.program = lower(twin, tuple(shape))
-        self.proto = export_int8(self.program)
+        self.proto = export_int8(self.program, fmt)
         self.session = session(self.proto, threads)
 
     @torch.no_grad()
@@ -318,8 +389,8 @@ class OnnxIntegerModel(IntegerModel):
         return torch.from_numpy(self.session.run(["logits"], {"pixels": u8})[0])
 
 
-def export_int8(program: Program) -> onnx.ModelProto:
-    """Build and check the int8 ONNX model of ``program``."""
-    proto = build_int8_proto(program)
+def export_int8(program: Program, fmt: str = "qdq") -> onnx.ModelProto:
+    """Build and check the int8 ONNX model of ``program`` (``fmt`` 'qdq' or 'qoperator')."""
+    proto = build_int8_proto(program, fmt)
     onnx.checker.check_model(proto)
     return proto
