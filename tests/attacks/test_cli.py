@@ -29,7 +29,7 @@ def test_attack_json(ckpt, capsys):
 
 def test_attack_with_defense_text(ckpt, capsys):
     rc = main(["attack", "--ckpt", ckpt, "--attack", "fgsm", "--eps", "0.1", "--limit", "30",
-               "--defense", "median:size=3", "--defense", "mc-dropout:rate=0.1,passes=2",
+               "--defense", "bit-depth:bits=4", "--defense", "mc-dropout:rate=0.1,passes=2",
                "--eot", "3", "--checks", "none"])
     assert rc == 0
     text = capsys.readouterr().out

@@ -49,7 +49,7 @@ def test_estimators_are_picked_from_defense_attributes_and_recorded(mlp, points)
                             generator=torch.Generator().manual_seed(0))
     assert r["estimator"] == "eot10+autograd" and r["model_randomized"] is True
     assert r["warnings"] == []
-    filtered = DEFENSES.get("median")(mlp, size=3)
+    filtered = DEFENSES.get("bit-depth")(mlp, bits=3)
     r = evaluate_robustness(filtered, PGD(filtered, threat, steps=5), x, y, checks=("randomness",))
     assert r["estimator"] == "bpda" and r["model_randomized"] is False
 

@@ -19,7 +19,7 @@ from qrobust.defenses import (
     bpda_targets,
     defend,
 )
-from qrobust.defenses.filters import gaussian_kernel
+from qrobust.defenses.filters import gaussian_kernel, median_filter
 from qrobust.errors import ConfigError
 
 
@@ -83,17 +83,36 @@ def test_bad_sizes_fail_loudly(bad):
 
 def test_attributes_and_surrogates():
     for f in (MedianFilter(3), BitDepth(3)):
-        assert f.differentiable is False and f.randomized is False
+        assert f.randomized is False
         assert isinstance(f.surrogate(), torch.nn.Identity)
+    assert BitDepth(3).differentiable is False
+    assert MedianFilter(3).differentiable is True
     for f in (MeanFilter(3), GaussianFilter(3)):
         assert f.differentiable is True and f.surrogate() is f
+
+
+def test_median_gradient_is_the_exact_derivative_off_ties():
+    """The median is piecewise linear: autograd's gradient of <v, median(x)> matches a central
+    finite difference (float64, continuous random pixels, so no ties)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((median_filter(x, 3) * v).sum(), x)
+    d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    h = 1e-7
+    with torch.no_grad():
+        fd = ((median_filter(x + h * d, 3) - median_filter(x - h * d, 3)) * v).sum() / (2 * h)
+    assert float(grad.abs().sum()) > 0
+    torch.testing.assert_close((grad * d).sum(), fd, rtol=1e-6, atol=1e-9)
 
 
 def test_straight_through_has_the_filter_value_and_the_surrogate_gradient(images):
     from qrobust.attacks.gradients import straight_through
 
     w = torch.randn_like(images)
-    for f in (MedianFilter(3), BitDepth(3)):
+    with straight_through(MedianFilter(3)) as n:  # differentiable: not a BPDA target
+        assert n == 0
+    for f in (BitDepth(3),):
         with straight_through(f) as n:
             assert n == 1
             xg = images.clone().requires_grad_(True)
@@ -113,7 +132,7 @@ def test_registry_builds_defended_models_with_attributes():
     assert DEFENSES.get("bit-depth")(model).differentiable is False
     assert DEFENSES.get("gaussian")(model).differentiable is True
     d = defend(model, MedianFilter(3), BitDepth(2))
-    assert [type(m) for m in bpda_targets(d)] == [MedianFilter, BitDepth]
+    assert [type(m) for m in bpda_targets(d)] == [BitDepth]
     with pytest.raises(ConfigError, match="unknown defense"):
         DEFENSES.get("jpeg")
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qrobust.defenses.base import DEFENSES, bpda_targets, is_differentiable, is_randomized
-from qrobust.defenses.filters import BitDepth, MedianFilter, median_filter
+from qrobust.defenses.filters import BitDepth, median_filter
 from qrobust.defenses.mc_dropout import MCDropout
 from qrobust.defenses.shield import stochastic_shield
 from qrobust.errors import ConfigError
@@ -36,14 +36,15 @@ def test_without_dropout_it_is_the_filtered_model():
 
 def test_attributes_pick_eot_and_bpda_and_the_surrogate_is_the_identity():
     m = model()
-    shield = stochastic_shield(m, filter="median", rate=0.2, passes=3, seed=0)
+    shield = stochastic_shield(m, filter="bit-depth", rate=0.2, passes=3, seed=0)
     assert is_randomized(shield) and not is_differentiable(shield)
     assert shield.randomized and not shield.differentiable
     targets = bpda_targets(shield)
-    assert len(targets) == 1 and isinstance(targets[0], MedianFilter)
+    assert len(targets) == 1 and isinstance(targets[0], BitDepth)
     assert isinstance(targets[0].surrogate(), nn.Identity)
-    smooth = stochastic_shield(m, filter="gaussian", size=3, rate=0.2)
-    assert smooth.randomized and smooth.differentiable and bpda_targets(smooth) == []
+    for name in ("gaussian", "median"):  # differentiable filters: EOT over the true gradient
+        smooth = stochastic_shield(m, filter=name, size=3, rate=0.2)
+        assert smooth.randomized and smooth.differentiable and bpda_targets(smooth) == []
     assert any(isinstance(x, MCDropout) for x in shield.modules())
     assert not any(isinstance(x, MCDropout) for x in m.modules())  # the model is untouched
 

@@ -104,7 +104,7 @@ def test_resume_computes_only_missing_cells_and_reproduces(tiny_study, tmp_path)
     assert table(first.store) == full
 
 
-@pytest.mark.parametrize("defense", ["median", "mc-dropout"])
+@pytest.mark.parametrize("defense", ["bit-depth", "mc-dropout"])
 def test_defenses_pick_adaptive_estimators(tiny_study, tmp_path, defense):
     params = {"passes": 2, "rate": 0.2} if defense == "mc-dropout" else {}
     study = parse_study(tiny_study(recipes=["fp32"], defenses=[{"name": defense,
@@ -115,7 +115,7 @@ def test_defenses_pick_adaptive_estimators(tiny_study, tmp_path, defense):
     (cell,) = plan(study)
     m1, _ = evaluate_cell(bench, cell)
     m2, _ = evaluate_cell(Workbench(study, tmp_path), cell)  # fresh process state, same seed
-    expected = {"median": "bpda", "mc-dropout": "eot"}[defense]
+    expected = {"bit-depth": "bpda", "mc-dropout": "eot"}[defense]
     assert m1["estimator"].lower().startswith(expected)
     drop = {"seconds"}
     assert {k: v for k, v in m1.items() if k not in drop} == {

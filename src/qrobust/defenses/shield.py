@@ -9,9 +9,10 @@ stochastic passes:
 The paper fixes neither the filter, its size, the dropout rate and placement, nor T; all are
 parameters here (defaults: 3x3 median filter, rate 0.1 before the classifier, T = 10; ours).
 The result is a :class:`~qrobust.defenses.base.Defended` pipeline ``(filter, MC-dropout
-model)``: it reports ``randomized = True`` (attack with EOT) and, for the median and
-bit-depth filters, ``differentiable = False`` (attack with BPDA: the filter is replaced by
-its ``surrogate()``, the identity, on the backward pass). Always report it under the
+model)``: it reports ``randomized = True`` (attack with EOT) and, for the bit-depth filter,
+``differentiable = False`` (attack with BPDA: the filter is replaced by its ``surrogate()``,
+the identity, on the backward pass; the median is attacked through its own exact gradient,
+see :mod:`qrobust.defenses.filters`). Always report it under the
 adaptive attack beside the plain one.
 """
 
