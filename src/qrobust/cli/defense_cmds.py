@@ -45,11 +45,11 @@ def train_dq_cmd(
     MODELS.get(model)
     dq_recipe(wbits, abits)  # validate before reading data
     ds = load_dataset(data, data_dir, download=download, verify=not no_verify)
-    float_model = load_checkpoint(init, expect_arch=model)[0] if init else None
+    float_model, init_meta = load_checkpoint(init, expect_arch=model) if init else (None, None)
     cfg = default_config(model, ds.name, epochs=epochs, lr=lr, seed=seed)
     fitted = fit_dq(model, ds, cfg, wbits, abits, beta, init=float_model)
-    if float_model is not None:
-        fitted.meta["model"] = load_checkpoint(init)[1]["model"]
+    if init_meta is not None:  # the fine-tuned model keeps the spec it was trained with
+        fitted.meta["model"] = init_meta["model"]
     save_checkpoint(out, fitted.model, fitted.meta, kind="quantized")
     m = fitted.meta["metrics"]
     typer.echo(f"DQ {model} w{wbits}a{abits} beta={beta:g} on {ds.name}: test accuracy "

@@ -94,10 +94,7 @@ def plot_amplification(results: dict[str, list[dict]], path: str | Path,
                        title: str = "layer-wise error amplification") -> Path:
     """One line per model: mean ratio ||f_l(x+delta)-f_l(x)|| / ||f_l(x)|| against layer index
     (log scale). Writes a PNG at ``path`` and returns it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from qrobust.report.plots import plt, save_png  # the Agg backend and house style
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, rows in results.items():
@@ -107,9 +104,4 @@ def plot_amplification(results: dict[str, list[dict]], path: str | Path,
     ax.set_ylabel("||f(x+d) - f(x)|| / ||f(x)||")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

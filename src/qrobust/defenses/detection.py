@@ -104,10 +104,7 @@ def information_plane(ensemble: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
 
 def plot_information_plane(curves: dict[str, list[dict]], path: str | Path) -> Path:
     """Plot mean detection score (x) against accuracy (y), one line per model, eps annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from qrobust.report.plots import plt, save_png  # the Agg backend and house style
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, rows in curves.items():
@@ -120,9 +117,4 @@ def plot_information_plane(curves: dict[str, list[dict]], path: str | Path) -> P
     ax.set_ylabel("accuracy")
     ax.set_title("adversarial information plane")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

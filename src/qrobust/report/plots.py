@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
+from pathlib import Path
 
 import matplotlib
 
@@ -23,6 +24,16 @@ def _png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def save_png(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as a PNG file at ``path`` (parent folders created), close it, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def _recipes(recs: list[Record]) -> list[str]:
