@@ -10,7 +10,10 @@ Three certifiers on the same checkpoint, the same test images and the same n0 / 
   smoothing of f(clip(x + noise, 0, 1)), the base classifier integer smoothing certifies (its
   codes are clipped to [0, 255]); it separates the cost of clipping from that of integers;
 * ``ours_integer``: :class:`Smoothed` with :class:`IntegerNoise` (exact discrete-Gaussian
-  noise table, pixel codes, the ONNX Runtime int8 IntegerModel of the w8a8 twin);
+  noise table, pixel codes, the ONNX Runtime int8 IntegerModel of the w8a8 twin). By default
+  (``--integer-input wide``) the twin's input window is widened to [-6 sigma, 1 + 6 sigma]
+  (:func:`qrobust.certify.integer_base`), so it classifies the unclipped noisy image as the
+  float smoothing does; ``--integer-input clipped`` smooths f(clip(codes, 0, 255)) instead;
 * ``ours_float_twin`` (with ``--twin``): float smoothing of the fake-quant twin, to tell the
   accuracy cost of quantization from that of the integer noise and radius.
 
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", default="onnx")
     parser.add_argument("--noise", default="discrete-gaussian",
                         help="integer noise: discrete-gaussian or rounded-gaussian")
+    parser.add_argument("--integer-input", choices=("wide", "clipped"), default="wide",
+                        help="the integer base classifier's input: the unclipped noisy image "
+                             "(input window widened to 6 sigma) or codes clipped to [0, 255]")
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
     parser.add_argument("--twin", action="store_true",
                         help="also float-smooth the fake-quant twin (separates the effect of "
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/certify_speed.json")
     args = parser.parse_args(argv)
 
-    from qrobust.certify import GaussianNoise, IntegerNoise, Smoothed
+    from qrobust.certify import GaussianNoise, IntegerNoise, Smoothed, integer_base
     from qrobust.checkpoint import load_checkpoint
     from qrobust.cli.certify_cmds import image_generator, select_indices
     from qrobust.data import load_dataset, take
@@ -107,13 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
     model, meta = load_checkpoint(args.ckpt)
     ds = load_dataset(meta["dataset"], args.data_dir)
     twin = quantize(model, args.recipe, calib=take(ds.train, 512, seed=1).tensors()[0])
-    int_model = to_integer(twin, backend=args.backend, input_shape=ds.input_shape,
-                           **({"threads": args.threads} if args.backend == "onnx" else {}))
+    options = {"input_shape": ds.input_shape,
+               **({"threads": args.threads} if args.backend == "onnx" else {})}
+    wide = args.integer_input == "wide"
+    int_model = (integer_base(twin, args.sigma, args.backend, **options) if wide else
+                 to_integer(twin, backend=args.backend, **options))
     x_all, y_all = ds.test.tensors()
     idx = select_indices(len(y_all), args.limit)
     k = ds.num_classes
     ours_f = Smoothed(GaussianNoise(model, args.sigma), k, batch_size=args.batch_size)
-    ours_i = Smoothed(IntegerNoise(int_model, args.sigma, kind=args.noise), k,
+    ours_i = Smoothed(IntegerNoise(int_model, args.sigma, kind=args.noise, clip=not wide), k,
                       batch_size=args.batch_size)
 
     def run_ours(sm):
@@ -188,7 +197,8 @@ def summarize(args, argv, meta, dataset, eta, idx, y_all, times, results) -> dic
            "images": done, "images_planned": len(idx), "sigma": args.sigma, "n0": args.n0,
            "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
            "threads": args.threads, "recipe": args.recipe, "backend": args.backend,
-           "integer_noise": args.noise, "integer_radius_eta": eta, "methods": report,
+           "integer_noise": args.noise, "integer_input": args.integer_input,
+           "integer_radius_eta": eta, "methods": report,
            "ratios": ratio,
            "per_image": [{"index": int(i), "label": int(y), **{
                name: {"prediction": results[name][j][0], "radius": float(results[name][j][1])}

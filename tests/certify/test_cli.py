@@ -55,14 +55,17 @@ def test_certify_writes_one_row_per_image_and_resumes(ckpt, tmp_path, capsys):
         assert a == b
 
 
-def test_certify_integer_only(ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("integer_input", ["wide", "clipped"])
+def test_certify_integer_only(ckpt, tmp_path, capsys, integer_input):
     out = tmp_path / "int"
-    assert _run(ckpt, out, "--limit", "3", "--integer", "--noise", "rounded-gaussian") == 0
+    assert _run(ckpt, out, "--limit", "3", "--integer", "--noise", "rounded-gaussian",
+                "--integer-input", integer_input) == 0
     assert "integer (rounded-gaussian)" in capsys.readouterr().out
     with ResultStore(out / "results.sqlite") as store:
         rows = store.rows("certify")
     assert len(rows) == 3
-    assert all(r["config"]["integer"] and r["config"]["recipe"] == "w8a8" for r in rows)
+    assert all(r["config"]["integer"] and r["config"]["recipe"] == "w8a8"
+               and r["config"]["integer_input"] == integer_input for r in rows)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -71,6 +74,7 @@ def test_certify_integer_only(ckpt, tmp_path, capsys):
     (["--integer", "--noise", "laplace"], "unknown integer noise"),
     (["--device", "gpu"], "not a torch device"),
     (["--integer", "--device", "cuda"], "--device applies to float smoothing"),
+    (["--integer", "--integer-input", "huge"], "unknown --integer-input"),
 ])
 def test_bad_arguments_give_one_line_errors(ckpt, tmp_path, capsys, args, message):
     assert _run(ckpt, tmp_path / "bad", "--limit", "1", *args) == 2

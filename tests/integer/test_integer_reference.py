@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qrobust.errors import ConfigError
-from qrobust.integer.agreement import contract
+from qrobust.integer.agreement import contract, prediction_agreement
 from qrobust.integer.base import pixel_codes
-from qrobust.integer.program import RequantOp, Term, fixed_point
+from qrobust.integer.program import RequantOp, Term, fixed_point, input_codes
 from qrobust.integer.reference import int_conv2d, int_matmul, requantize
-from qrobust.quant import quantize, to_integer
+from qrobust.quant import QuantInput, quantize, to_integer, widen_input
 
 CODE_MISMATCH_TOLERANCE = 1e-3  # share of codes allowed to differ (each by at most 1 LSB)
 
@@ -124,3 +124,41 @@ def test_lowering_errors(trained, calib):
         to_integer(quantize(model, "w8a8"))(calib[:2])
     with pytest.raises(ConfigError, match="unknown integer backend"):
         to_integer(quantize(model, "w8a8", calib), backend="tpu")
+
+
+@pytest.mark.parametrize("arch", ["small-cnn", "resnet20"])
+def test_widened_input_twin_and_integer_models_agree_on_noisy_images(trained, digits, calib, arch):
+    """A widened twin (input window [-1.5, 2.5], step 4 pixel codes) and its integer models
+    agree on unclipped noisy images as the plain ones do on clean images."""
+    twin = widen_input(quantize(trained(arch), "w8a8", calib), -1.5, 2.5)
+    x = all_digits(digits)
+    noisy = x + 0.25 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    report = contract(twin, to_integer(twin), noisy)
+    assert all(d.max_abs <= 1 and d.mismatch_rate <= CODE_MISMATCH_TOLERANCE
+               for d in report.codes.values()), report.codes
+    assert report.prediction_agreement >= 0.999
+    assert prediction_agreement(twin, to_integer(twin, "onnx", threads=1), noisy) >= 0.995
+
+
+def test_widened_input_codes_cover_the_window_and_clip_outside_it(trained, calib):
+    plain = quantize(trained("small-cnn"), "w8a8", calib)
+    wide = widen_input(plain, -1.5, 2.5)
+    q = next(m for m in wide.modules() if isinstance(m, QuantInput))
+    assert q.step == 4 and torch.equal(q.code_zero_point, q.code_zero_point.round())
+    op = to_integer(wide).program((1, 8, 8)).input_op
+    low, high = -int(op.offset), 255 * 4 - int(op.offset)  # pixel codes of input codes 0, 255
+    assert low <= round(-1.5 * 255) + 2 and high >= round(2.5 * 255) - 2
+    pixels = torch.arange(-800, 1200).view(1, 1, 1, -1)
+    u = input_codes(op, pixels)
+    inside = (pixels >= low - 2) & (pixels < high + 2)
+    assert ((u * 4 - op.offset - pixels).abs()[inside] <= 2).all()  # within half a step
+    assert torch.equal(u[pixels < low - 2], torch.zeros_like(u[pixels < low - 2]))
+    assert (u[pixels >= high + 2] == 255).all()  # clipped outside the window
+    assert torch.equal(op.pixel_zero_point, q.zero_point.reshape(-1).long())
+    # the default window is the plain pixel grid: the same program as before widening
+    same = to_integer(widen_input(plain, 0, 1))(calib[:64])
+    assert torch.equal(same, to_integer(plain)(calib[:64]))
+    with pytest.raises(ConfigError, match="must contain"):
+        widen_input(plain, 0.1, 2)
+    assert plain.get_submodule(next(n for n, m in plain.named_modules()
+                                    if isinstance(m, QuantInput))).step == 1  # a copy

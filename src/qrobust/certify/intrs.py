@@ -1,9 +1,17 @@
 """Integer-only randomized smoothing (IntRS; Lin, Lou, Xiong, Shahabi, ICCV 2021, arXiv 2108.09413).
 
-Images become integer pixel codes c = round(255 x); integer noise Z is added to the codes,
-the sum is clipped to [0, 255] and classified by an integer model's ``forward_pixels`` (the
-IntegerModel of :mod:`qrobust.quant`, or any object with that method). Nothing between the
-noise and the classifier is a float, so float rounding cannot break the certificate.
+Images become integer pixel codes c = round(255 x); integer noise Z is added to the codes
+and the sum is classified by an integer model's ``forward_pixels`` (the IntegerModel of
+:mod:`qrobust.quant`, or any object with that method). Nothing between the noise and the
+classifier is a float, so float rounding cannot break the certificate.
+
+Which base classifier (``clip``): a plain IntegerModel clips its input codes to [0, 255], so
+it classifies clip(c + Z), not the unclipped noisy image float smoothing (and Gaussian data
+augmentation) uses: -2.6 points of accuracy under noise on CIFAR-10 at sigma = 0.25.
+:func:`integer_base` widens the twin's input window to [-6 sigma, 1 + 6 sigma] (coarser input
+codes, 4 pixel codes apart at sigma = 0.25) so that it sees the unclipped noisy image;
+``IntegerNoise(clip=False)`` then smooths it. Either way the certificate is sound: clipping
+and coarsening are deterministic parts of the base classifier.
 
 Noise (``kind``):
 
@@ -81,6 +89,20 @@ def radius_eta(table: NoiseTable, dim: int, clipped: bool) -> float:
     return eta
 
 
+def noise_window(sigma: float, tails: float = 6.0) -> tuple[float, float]:
+    """The pixel range [-tails sigma, 1 + tails sigma] a base classifier of noisy images must
+    take unclipped (a coordinate leaves it with probability < 2e-9 at 6 sigma)."""
+    return -tails * sigma, 1.0 + tails * sigma
+
+
+def integer_base(twin, sigma: float, backend: str = "onnx", **options):
+    """The IntegerModel of ``twin`` with its input widened to :func:`noise_window` (sigma): the
+    base classifier for ``IntegerNoise(..., clip=False)``."""
+    from qrobust.quant import to_integer, widen_input
+
+    return to_integer(widen_input(twin, *noise_window(sigma)), backend=backend, **options)
+
+
 @dataclass(frozen=True)
 class IntegerNoise:
     """Integer-only noisy classifier for :class:`qrobust.certify.smoothing.Smoothed`.
@@ -88,8 +110,9 @@ class IntegerNoise:
     ``base``: has ``forward_pixels(codes)``; ``sigma``: noise std in [0, 1] units (sigma_int =
     255 sigma codes); ``kind``: ``discrete-gaussian`` or ``rounded-gaussian``; ``clip``: the
     smoothed classifier is that of f(clip(codes, 0, 255)) (the IntegerModel clips anyway), which
-    makes clipping the noise at +-255 exact. ``clip=False`` is for classifiers of unbounded
-    integer inputs (tests): the table then spans +-``bound`` codes and the tail enters eta.
+    makes clipping the noise at +-255 exact. ``clip=False`` is for classifiers of wider
+    integer inputs (:func:`integer_base`) or unbounded ones (tests): the table spans
+    +-``bound`` codes (default 20 sigma_int) and its tail mass enters eta (~exp(-200)).
     ``sampler``: ``table`` (the fast alias table, default) or ``cks`` (the exact
     Canonne-Kamath-Steinke sampler, discrete Gaussian with clip=True only; about 100x slower,
     no table term in eta).

@@ -4,13 +4,16 @@ Gaussian augmentation is ``TrainConfig(noise_sigma=...)`` in :func:`qrobust.trai
 (Cohen et al., arXiv 1902.02918). :func:`noise_aware_qat` fine-tunes a quantized twin
 (:func:`qrobust.quant.quantize`, STE gradients) with the noise its smoothed classifier will
 see: float Gaussian noise for float smoothing, or, for integer-only smoothing, integer noise on
-the pixel-code grid, clip(round(255 x) + Z, 0, 255) / 255 with Z from the same table the
-certifier samples. It runs the one training loop, :func:`qrobust.train.train`, on
-``Sequential(noise, twin)``; validation is under noise as well.
+the pixel-code grid, (round(255 x) + Z) / 255 with Z from the same law the certifier samples;
+the twin's input quantizer clips it to its window, as the integer model will ([0, 1], or the
+wider one of ``widen_input(twin, *noise_window(sigma))``, the default of integer smoothing).
+It runs the one training loop, :func:`qrobust.train.train`, on ``Sequential(noise, twin)``;
+validation is under noise as well.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -28,8 +31,8 @@ class SmoothingNoise(nn.Module):
     picks the weights it keeps, is accuracy under the smoothing noise).
 
     ``kind`` ``gaussian``: x + N(0, sigma^2) (float smoothing, no clipping, as Cohen et al.);
-    an integer kind (``discrete-gaussian``, ``rounded-gaussian``): clip(round(255 x) + Z, 0,
-    255) / 255 with Z from the same table the integer certifier samples.
+    an integer kind (``discrete-gaussian``, ``rounded-gaussian``): (round(255 x) + Z) / 255,
+    unclipped (the twin clips to its input window), Z from a table over +-20 sigma codes.
     """
 
     def __init__(self, sigma: float, kind: str, generator: torch.Generator) -> None:
@@ -38,14 +41,15 @@ class SmoothingNoise(nn.Module):
             raise ConfigError(f"unknown smoothing noise '{kind}'; valid: gaussian, "
                               f"{', '.join(NOISE_KINDS)}")
         self.sigma, self.kind, self.generator = sigma, kind, generator
-        self.table = (None if kind == "gaussian" else
-                      noise_table(kind, rational_sigma2(sigma, PIXEL_LEVELS), PIXEL_LEVELS))
+        sigma2 = rational_sigma2(sigma, PIXEL_LEVELS)
+        bound = max(PIXEL_LEVELS, math.ceil(20 * math.sqrt(sigma2)) + 1)  # as IntegerNoise
+        self.table = None if kind == "gaussian" else noise_table(kind, sigma2, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.table is None:
             return x + gaussian(tuple(x.shape), self.sigma, self.generator, x.dtype, x.device)
         codes = pixel_codes(x) + self.table.sample(tuple(x.shape), self.generator, x.device)
-        return codes.clamp_(0, PIXEL_LEVELS).to(x.dtype) / PIXEL_LEVELS
+        return codes.to(x.dtype) / PIXEL_LEVELS
 
 
 def noise_aware_qat(twin: nn.Module, train_split: Split, val_split: Split | None, sigma: float,

@@ -48,12 +48,17 @@ def image_generator(seed: int, index: int, device: str = "cpu") -> torch.Generat
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(index))
 
 
+INTEGER_INPUTS = ("wide", "clipped")
+
+
 def build_noisy(model, meta: dict, *, sigma: float, integer: bool, noise: str, recipe: str,
-                backend: str, calib: torch.Tensor, input_shape: tuple[int, int, int]):
+                backend: str, calib: torch.Tensor, input_shape: tuple[int, int, int],
+                integer_input: str = "wide"):
     """The NoisyClassifier of a loaded checkpoint: float Gaussian smoothing of the model, or
     integer-only smoothing of its IntegerModel (quantizing float checkpoints with ``recipe``,
-    calibrated on ``calib``)."""
-    from qrobust.certify import GaussianNoise, IntegerNoise
+    calibrated on ``calib``), whose input is the unclipped noisy image (``wide``, as in float
+    smoothing) or the noisy codes clipped to [0, 255] (``clipped``)."""
+    from qrobust.certify import GaussianNoise, IntegerNoise, integer_base
 
     if not integer:
         if noise != "gaussian":
@@ -63,9 +68,14 @@ def build_noisy(model, meta: dict, *, sigma: float, integer: bool, noise: str, r
         noise = "discrete-gaussian"
     from qrobust.quant import quantize, to_integer
 
+    if integer_input not in INTEGER_INPUTS:
+        raise ConfigError(f"unknown --integer-input {integer_input!r}; valid: "
+                          f"{', '.join(INTEGER_INPUTS)}")
     twin = model if meta.get("kind") == "quantized" else quantize(model, recipe, calib=calib)
-    return IntegerNoise(to_integer(twin, backend=backend, input_shape=input_shape), sigma,
-                        kind=noise)
+    wide = integer_input == "wide"
+    base = (integer_base(twin, sigma, backend, input_shape=input_shape) if wide else
+            to_integer(twin, backend=backend, input_shape=input_shape))
+    return IntegerNoise(base, sigma, kind=noise, clip=not wide)
 
 
 def summarize(rows: list[dict], radii=(0.0, 0.25, 0.5, 0.75, 1.0)) -> dict:
@@ -97,6 +107,9 @@ def certify_cmd(
     recipe: str = typer.Option("w8a8", "--recipe", help="Quantization recipe for --integer "
                                "with a float checkpoint."),
     backend: str = typer.Option("onnx", "--backend", help="Integer backend: onnx or reference."),
+    integer_input: str = typer.Option("wide", "--integer-input", help="With --integer: 'wide' "
+                                      "(the model sees the unclipped noisy image, as float "
+                                      "smoothing does) or 'clipped' (codes clipped to [0, 255])."),
     limit: int = typer.Option(None, "--limit", help="First N test points (seeded choice)."),
     batch_size: int = typer.Option(1000, "--batch-size", help="Noisy images per forward pass."),
     seed: int = typer.Option(0, "--seed"),
@@ -128,14 +141,16 @@ def certify_cmd(
     ds = load_dataset(meta["dataset"], data_dir, verify=not no_verify)
     calib = take(ds.train, 512, seed=1).tensors()[0] if integer else None
     noisy = build_noisy(model, meta, sigma=sigma, integer=integer, noise=noise, recipe=recipe,
-                        backend=backend, calib=calib, input_shape=ds.input_shape)
+                        backend=backend, calib=calib, input_shape=ds.input_shape,
+                        integer_input=integer_input)
     smoothed = Smoothed(noisy, ds.num_classes, batch_size=batch_size)
     base_cfg = {"weights_sha256": file_sha256(weights_path(ckpt)), "dataset": ds.name,
                 "split": "test", "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
                 "integer": integer, "noise": getattr(noisy, "kind", "gaussian"),
                 "recipe": recipe if integer and meta.get("kind") != "quantized" else None,
                 "backend": backend if integer else None, "seed": seed,
-                "device": torch.device(device).type}
+                "device": torch.device(device).type,
+                **({"integer_input": integer_input} if integer else {})}
     x_all, y_all = ds.test.tensors()
     indices = select_indices(len(y_all), limit)
     out_dir = Path(out)

@@ -69,7 +69,8 @@ def contract(twin: nn.Module, integer: IntegerModel, x: torch.Tensor,
     same = 0
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
-        ints = integer.intermediate_codes(pixel_codes(xb))  # lowers first (runs the twin once)
+        # lowers first (runs the twin once); unclipped codes: a widened twin sees beyond [0, 1]
+        ints = integer.intermediate_codes(pixel_codes(xb, clip=False))
         mine = twin_codes(twin, xb)
         same += int((mine.pop("logits").argmax(1) == ints["logits"].argmax(1)).sum())
         for key, codes in mine.items():

@@ -8,23 +8,27 @@ from torch import nn
 PIXEL_LEVELS = 255
 
 
-def pixel_codes(x: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] -> int64 pixel codes round(255 x) (half up), clipped to [0, 255]."""
-    return torch.clamp(torch.floor(x.detach().float() * PIXEL_LEVELS + 0.5), 0, PIXEL_LEVELS).long()
+def pixel_codes(x: torch.Tensor, clip: bool = True) -> torch.Tensor:
+    """Float images in [0, 1] -> int64 pixel codes round(255 x) (half up), clipped to [0, 255]
+    (``clip=False``: any real values, e.g. noisy images, on the same 1/255 grid)."""
+    codes = torch.floor(x.detach().float() * PIXEL_LEVELS + 0.5)
+    return (torch.clamp(codes, 0, PIXEL_LEVELS) if clip else codes).long()
 
 
 class IntegerModel(nn.Module):
     """A quantized model that computes in integers: float images or pixel codes -> logits.
 
-    ``model(x)``: x float (N, C, H, W) in [0, 1] -> float32 logits (N, K), no autograd.
+    ``model(x)``: x float (N, C, H, W) in [0, 1] (or beyond, for a widened input) -> float32
+    logits (N, K), no autograd.
     ``model.forward_pixels(codes)``: integer codes on the 1/255 pixel grid (round(255 x)),
-    any integer range (values outside [0, 255] are clipped inside the model) -> logits.
+    any integer range (clipped inside the model to its input window: [0, 255], or the wider
+    one of a twin widened with :func:`qrobust.quant.widen_input`) -> logits.
     """
 
     backend = "abstract"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_pixels(pixel_codes(x))
+        return self.forward_pixels(pixel_codes(x, clip=False))
 
     def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

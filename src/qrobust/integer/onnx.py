@@ -49,6 +49,7 @@ from qrobust.integer.program import (
     Program,
     RequantOp,
     SumPoolOp,
+    input_codes,
     lower,
 )
 
@@ -167,7 +168,7 @@ def build_int8_proto(program: Program, fmt: str = "qdq") -> onnx.ModelProto:
     c, h, w = program.input_shape
     for op in program.ops:
         if isinstance(op, InputOp):
-            slots[op.out] = _U8("pixels", 1.0 / 255, op.zero_point.numpy().astype(np.int64))
+            slots[op.out] = _U8("pixels", op.step / 255, op.zero_point.numpy().astype(np.int64))
             shapes[op.out] = (c, h, w)
         elif isinstance(op, (ConvOp, LinearOp, SumPoolOp)):
             accs[op.out] = op
@@ -297,7 +298,7 @@ def float_model_proto(program: Program) -> onnx.ModelProto:
     c, h, w = program.input_shape
     for op in program.ops:
         if isinstance(op, InputOp):
-            zp = _f32(op.zero_point.numpy().reshape(1, -1, 1, 1) / 255.0)
+            zp = _f32(op.pixel_zero_point.numpy().reshape(1, -1, 1, 1) / 255.0)
             names[op.out] = b.node("Sub", ["x", b.const(zp, "mean")], "center")
         elif isinstance(op, (ConvOp, LinearOp)):
             scale = op.acc_scale.numpy()  # real weights: codes * s_w = codes * s_acc / s_x
@@ -385,7 +386,7 @@ class OnnxIntegerModel(IntegerModel):
 
     @torch.no_grad()
     def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:
-        u8 = torch.clamp(codes.long(), 0, 255).to(torch.uint8).numpy()
+        u8 = input_codes(self.program.input_op, codes).to(torch.uint8).numpy()
         return torch.from_numpy(self.session.run(["logits"], {"pixels": u8})[0])
 
 

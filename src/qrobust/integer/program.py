@@ -60,8 +60,28 @@ class Pending:
 # ---- ops ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class InputOp:
+    """Pixel codes p (any integers, 1/255 grid) -> centred input codes u - zero_point, with
+    ``u = clamp(floor((p + offset + step / 2) / step), 0, 255)`` (:func:`input_codes`)."""
+
     out: str
-    zero_point: torch.Tensor  # (C,) int64: round(255 mean_c)
+    zero_point: torch.Tensor  # (C,) int64: round(255 mean_c) when step = 1
+    step: int = 1  # pixel codes per input code: a power of two (QuantInput.widen)
+    offset: torch.Tensor | None = None  # (C,) int64, step * zero_point - round(255 mean_c)
+
+    @property
+    def pixel_zero_point(self) -> torch.Tensor:
+        """round(255 mean_c): the pixel code of the channel mean."""
+        return self.zero_point * self.step - (0 if self.offset is None else self.offset)
+
+
+def input_codes(op: InputOp, pixels: torch.Tensor) -> torch.Tensor:
+    """The program's input codes u in [0, 255] for pixel codes (round half up when step > 1;
+    the pixel codes themselves, clipped, when step = 1)."""
+    p = pixels.long()
+    if op.step > 1:
+        offset = op.offset.view(1, -1, *([1] * (p.ndim - 2)))
+        p = torch.div(p + offset + op.step // 2, op.step, rounding_mode="floor")
+    return torch.clamp(p, 0, 255)
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,10 @@ class Program:
     input_shape: tuple[int, int, int]
     codes: dict  # slot -> Codes descriptor (scales/zero points of materialised tensors)
 
+    @property
+    def input_op(self) -> InputOp:
+        return next(op for op in self.ops if isinstance(op, InputOp))
+
 
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
@@ -228,8 +252,10 @@ class _Lowering:
                               "conv, linear, ReLU, add, max-pool, global average pool, flatten")
         m = self.module(node)
         if isinstance(m, QuantInput):
-            zp = m.zero_point.reshape(-1).round().long()
-            return self.emit_codes(InputOp(name, zp), Codes(name, float(m.scale), 0, -255, 255))
+            zp = m.code_zero_point.reshape(-1).round().long()
+            offset = m.offset.reshape(-1).round().long()
+            return self.emit_codes(InputOp(name, zp, m.step, offset),
+                                   Codes(name, float(m.scale), 0, -255, 255))
         if isinstance(m, (QuantConv2d, QuantLinear)):
             return self.layer(node, m)
         if isinstance(m, QuantAct):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrobust.integer.base import PIXEL_LEVELS, IntegerModel
+from qrobust.integer.base import IntegerModel
 from qrobust.integer.program import (
     ConvOp,
     FlattenOp,
@@ -28,6 +28,7 @@ from qrobust.integer.program import (
     ReluOp,
     RequantOp,
     SumPoolOp,
+    input_codes,
     lower,
 )
 
@@ -99,7 +100,7 @@ def run_op(op, env: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor | 
 
 @run_op.register
 def _(op: InputOp, env, x):
-    return torch.clamp(x.long(), 0, PIXEL_LEVELS) - _channel(op.zero_point, x.ndim)
+    return input_codes(op, x) - _channel(op.zero_point, x.ndim)
 
 
 @run_op.register

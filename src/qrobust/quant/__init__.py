@@ -8,7 +8,7 @@ See docs/quantization.md for the formulas, the requantization scheme and the tol
 from qrobust.integer.base import IntegerModel
 from qrobust.quant import functional
 from qrobust.quant.checkpoint import save_quantized
-from qrobust.quant.convert import QuantTwin, calibrate, quantize, set_generator, to_integer
+from qrobust.quant.convert import QuantTwin, calibrate, quantize, set_generator, to_integer, widen_input
 from qrobust.quant.functional import fake_quantize, round_ste, stochastic_round
 from qrobust.quant.modules import QuantAct, QuantConv2d, QuantInput, QuantLinear
 from qrobust.quant.observers import OBSERVERS, observe
@@ -19,5 +19,5 @@ __all__ = [
     "QuantLinear", "QuantSpec", "QuantTwin", "Recipe", "calibrate", "fake_quantize", "functional", "observe",
     "parse_recipe", "quantize", "round_ste", "save_quantized", "set_generator",
     "stochastic_round",
-    "to_integer",
+    "to_integer", "widen_input",
 ]

@@ -311,6 +311,18 @@ def calibrate(twin: nn.Module, images: torch.Tensor, batch_size: int = 256) -> n
     return twin
 
 
+def widen_input(twin: nn.Module, low: float, high: float) -> nn.Module:
+    """A copy of ``twin`` whose input quantizer covers pixel values in about [low, high]
+    instead of [0, 1] (:meth:`QuantInput.widen`), e.g. noisy images for smoothing: its integer
+    model then takes pixel codes from about 255 low to 255 high, at a coarser step."""
+    inputs = [m for m in twin.modules() if isinstance(m, QuantInput)]
+    if len(inputs) != 1:
+        raise ConfigError("widen_input needs a quantized twin with its one input quantizer")
+    wide = copy.deepcopy(twin)
+    next(m for m in wide.modules() if isinstance(m, QuantInput)).widen(low, high)
+    return wide
+
+
 def to_integer(twin: nn.Module, backend: str = "reference", **options):
     """The integer model of a calibrated twin: ``backend`` 'reference' (exact integer executor,
     any bit width <= 8) or 'onnx' (ONNX Runtime int8 kernels, 8-bit symmetric recipes)."""

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,17 +28,45 @@ CALIB_SAMPLE = 2**18  # values kept per calibration batch (strided subsample + e
 
 
 class QuantInput(nn.Module):
-    """x float (N, C, H, W) in [0, 1] -> (round(255 x) - z_c) / 255, in [-1, 1]; STE gradient."""
+    """x float (N, C, H, W) in [0, 1] -> (round(255 x) - z_c) / 255, in [-1, 1]; STE gradient.
+
+    :meth:`widen` makes it accept pixel values far outside [0, 1] (noisy images for
+    smoothing): the 256 input codes then step by ``step`` pixel codes,
+    ``u = clamp(round((p + o_c) / step), 0, 255)`` for pixel codes p = round(255 x), and the
+    output is ``(u - Z_c) step / 255`` with ``Z_c = (z_c + o_c) / step`` an integer.
+    """
 
     def __init__(self, zero_point: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("zero_point", zero_point.float().view(1, -1, 1, 1))
+        # not saved: widening is a certification-time choice (see qrobust.certify.widened)
+        self.step = 1
+        self.register_buffer("offset", torch.zeros_like(self.zero_point), persistent=False)
 
-    scale = torch.tensor(1.0 / PIXEL_LEVELS)
+    @property
+    def scale(self) -> torch.Tensor:
+        return torch.tensor(self.step / PIXEL_LEVELS)
+
+    @property
+    def code_zero_point(self) -> torch.Tensor:
+        """Z_c, the zero point of the input codes u (per channel, integer valued)."""
+        return (self.zero_point + self.offset) / self.step
+
+    def widen(self, low: float, high: float) -> QuantInput:
+        """Cover pixel values in about [low, high] (a superset of [0, 1]) with the 256 input
+        codes: ``step`` is the smallest power of two >= high - low (in pixel units), and
+        ``o_c`` puts code 0 near ``low``. ``widen(0, 1)`` is the default, plain pixel codes."""
+        if not low <= 0 < 1 <= high or not math.isfinite(high - low):
+            raise ConfigError(f"the input window [{low}, {high}] must contain [0, 1]")
+        self.step = 2 ** max(0, math.ceil(math.log2(high - low) - 1e-12))
+        code_zero = torch.round((self.zero_point - PIXEL_LEVELS * low) / self.step)
+        self.offset = self.step * code_zero - self.zero_point
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(round_ste(x * PIXEL_LEVELS), 0, PIXEL_LEVELS)
-        return (q - self.zero_point) / PIXEL_LEVELS
+        pixels = round_ste(x * PIXEL_LEVELS)
+        q = torch.clamp(round_ste((pixels + self.offset) / self.step), 0, PIXEL_LEVELS)
+        return (q - self.code_zero_point) * self.step / PIXEL_LEVELS
 
 
 class QuantAct(nn.Module):
