@@ -145,8 +145,6 @@ def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: in
     xf = x.numpy()
     ort_int8 = session(export_int8(program, "qdq"), threads)
     ort_qop = session(export_int8(program, "qoperator"), threads)
-    # per-tensor weight scales: one requantization multiplier per layer instead of per channel
-    ort_pt = session(export_int8(lower(quantize(model, "w8a8,pt", calib), shape), "qdq"), threads)
     ort_fp32 = session(float_model_proto(program), threads)
     reference = ReferenceIntegerModel(twin, shape, chunk=batch)
     runs = {
@@ -154,7 +152,6 @@ def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: in
         "ort_fp32": lambda: ort_fp32.run(["logits"], {"x": xf}),
         "ort_int8": lambda: ort_int8.run(["logits"], {"pixels": u8}),
         "ort_int8_qoperator": lambda: ort_qop.run(["logits"], {"pixels": u8}),
-        "ort_int8_per_tensor": lambda: ort_pt.run(["logits"], {"pixels": u8}),
         "reference_int": lambda: reference.forward_pixels(codes),
     }
     med = timed_round_robin(runs, rounds, slow={"reference_int": ref_rounds})
@@ -166,7 +163,6 @@ def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: in
             "median_seconds_per_batch": med, "images_per_s": ips,
             "int8_over_ort_fp32": ips["ort_int8"] / ips["ort_fp32"],
             "int8_qoperator_over_ort_fp32": ips["ort_int8_qoperator"] / ips["ort_fp32"],
-            "int8_per_tensor_over_ort_fp32": ips["ort_int8_per_tensor"] / ips["ort_fp32"],
             "int8_over_torch_fp32": ips["ort_int8"] / ips["torch_fp32"],
             "macs_per_image": macs,
             "ort_int8_gmac_per_s": macs * ips["ort_int8"] / 1e9,
@@ -196,8 +192,7 @@ def main() -> None:
     for row in rows:
         row["ort_int8_fraction_of_int8_gemm_peak"] = row["ort_int8_gmac_per_s"] / int8_peak
     out = {"benchmark": "int8_inference", "threads": args.threads, "rounds": args.rounds,
-           "recipe": "w8a8 (per-channel symmetric int8 weights, uint8 activations); "
-                     "ort_int8_per_tensor: w8a8,pt (one weight scale per layer)",
+           "recipe": "w8a8 (per-channel symmetric int8 weights, uint8 activations)",
            "formats": "ort_int8: QDQ export (ORT fuses it into QLinearConv/QLinearAdd/QGemm); "
                       "ort_int8_qoperator: the same program written as QLinear ops",
            "command": f"OMP_NUM_THREADS={args.threads} nice -n 10 .venv/bin/python "

@@ -192,3 +192,22 @@ def test_exact_cks_sampler_in_integer_smoothing():
     assert 55 < std < 63.75
     with pytest.raises(ConfigError, match="CKS"):
         IntegerNoise(IntLinear(1, 0), 0.25, kind="rounded-gaussian", sampler="cks")
+
+
+def test_a_widened_integer_model_needs_unclipped_noise(digits, digits_cnn):
+    """Noise clipped at +-255 codes is exact only for a model that clips its input to [0, 255];
+    a widened model would see a truncated law the radius does not account for."""
+    from qrobust.certify import integer_base
+    from qrobust.data import take
+    from qrobust.quant import quantize
+
+    twin = quantize(digits_cnn.model, "w8a8", calib=take(digits.train, 256, seed=1).tensors()[0])
+    wide = integer_base(twin, 0.5, backend="reference")
+    assert wide.widened
+    with pytest.raises(ConfigError, match="clip=False"):
+        IntegerNoise(wide, 0.5)
+    noisy = IntegerNoise(wide, 0.5, clip=False)
+    x = digits.test.tensors()[0][:8]
+    codes = noisy.noisy_codes(x, torch.Generator().manual_seed(0))
+    assert codes.min() < -255 or codes.max() > 510  # the noise reaches beyond +-255 codes
+    assert noisy.table.bound > 6 * 0.5 * 255

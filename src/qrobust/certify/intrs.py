@@ -139,6 +139,10 @@ class IntegerNoise:
                                math.ceil(20 * math.sqrt(sigma2)) + 1)
         if self.clip and bound < PIXEL_LEVELS:
             raise ConfigError(f"with clip=True the noise bound must be >= {PIXEL_LEVELS}")
+        if self.clip and getattr(self.base, "widened", False):
+            # noise clipped at +-255 is exact only for a model that clips codes to [0, 255]
+            raise ConfigError("this integer model takes pixel codes beyond [0, 255] (a widened "
+                              "input): smooth it with IntegerNoise(..., clip=False)")
         object.__setattr__(self, "table", noise_table(self.kind, sigma2, int(bound)))
 
     @property

@@ -26,6 +26,7 @@ class IntegerModel(nn.Module):
     """
 
     backend = "abstract"
+    widened = False  # True when the input window is wider than [0, 255] (widen_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_pixels(pixel_codes(x, clip=False))

@@ -381,6 +381,7 @@ class OnnxIntegerModel(IntegerModel):
             raise ConfigError("the ONNX backend needs the input shape: to_integer(twin, 'onnx', "
                               "input_shape=(C, H, W))")
         self.program = lower(twin, tuple(shape))
+        self.widened = self.program.input_op.step > 1
         self.proto = export_int8(self.program, fmt)
         self.session = session(self.proto, threads)
 

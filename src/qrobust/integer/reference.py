@@ -31,6 +31,7 @@ from qrobust.integer.program import (
     input_codes,
     lower,
 )
+from qrobust.quant.modules import QuantInput
 
 CHUNK = 64  # images per chunk (bounds the im2col buffer)
 
@@ -165,6 +166,7 @@ class ReferenceIntegerModel(IntegerModel):
                  chunk: int = CHUNK) -> None:
         super().__init__()
         self._twin = [twin]  # not a submodule: the integer model has no parameters
+        self.widened = any(m.step > 1 for m in twin.modules() if isinstance(m, QuantInput))
         self.chunk = chunk
         self._programs: dict[tuple[int, ...], Program] = {}
         shape = input_shape or getattr(twin, "input_shape", None)
