@@ -7,11 +7,10 @@ Three certifiers on the same checkpoint, the same test images and the same n0 / 
   Clopper-Pearson bound from scipy's beta quantile), as in locuslab/smoothing core.py;
 * ``ours_float``: :class:`qrobust.certify.Smoothed` with :class:`GaussianNoise`;
 * ``ours_float_clipped`` (opt-in): the same with ``GaussianNoise(clip=True)``, i.e. float
-  smoothing of f(clip(x + noise, 0, 1)), the base classifier integer smoothing certifies (its
-  codes are clipped to [0, 255]); it separates the cost of clipping from that of integers;
-* ``ours_integer``: :class:`Smoothed` with :class:`IntegerNoise` (exact discrete-Gaussian
-  noise table, pixel codes, the ONNX Runtime int8 IntegerModel of the w8a8 twin). By default
-  (``--integer-input wide``) the twin's input window is widened to [-6 sigma, 1 + 6 sigma]
+  smoothing of f(clip(x + noise, 0, 1)), the float counterpart of ``--integer-input clipped``;
+* ``ours_integer``: :class:`Smoothed` with :class:`IntegerNoise` (integer noise from an alias
+  table, rounded-Gaussian by default or ``--noise discrete-gaussian``, pixel codes, the ONNX
+  Runtime int8 IntegerModel of the w8a8 twin). By default (``--integer-input wide``) the twin's input window is widened to [-6 sigma, 1 + 6 sigma]
   (:func:`qrobust.certify.integer_base`), so it classifies the unclipped noisy image as the
   float smoothing does; ``--integer-input clipped`` smooths f(clip(codes, 0, 255)) instead;
 * ``ours_float_twin`` (with ``--twin``): float smoothing of the fake-quant twin, to tell the
@@ -85,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--recipe", default="w8a8")
     parser.add_argument("--backend", default="onnx")
-    parser.add_argument("--noise", default="discrete-gaussian",
-                        help="integer noise: discrete-gaussian or rounded-gaussian")
+    parser.add_argument("--noise", default="rounded-gaussian",
+                        help="integer noise: rounded-gaussian or discrete-gaussian (IntRS)")
     parser.add_argument("--integer-input", choices=("wide", "clipped"), default="wide",
                         help="the integer base classifier's input: the unclipped noisy image "
                              "(input window widened to 6 sigma) or codes clipped to [0, 255]")

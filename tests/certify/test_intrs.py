@@ -176,8 +176,8 @@ def test_integer_noise_codes_are_clipped_and_reproducible():
 
 
 def test_exact_cks_sampler_in_integer_smoothing():
-    cks = IntegerNoise(IntLinear(1, 0), 0.25, sampler="cks")
-    table = IntegerNoise(IntLinear(1, 0), 0.25)
+    cks = IntegerNoise(IntLinear(1, 0), 0.25, kind="discrete-gaussian", sampler="cks")
+    table = IntegerNoise(IntLinear(1, 0), 0.25, kind="discrete-gaussian")
     assert 0 < cks.eta(SHAPE) < table.eta(SHAPE)
     x = torch.full((2000, *SHAPE), 128 / 255)
     noise = (cks.noisy_codes(x, torch.Generator().manual_seed(0)) - 128).double().flatten()

@@ -65,7 +65,7 @@ def build_noisy(model, meta: dict, *, sigma: float, integer: bool, noise: str, r
             raise ConfigError(f"--noise {noise} needs --integer; float smoothing uses gaussian")
         return GaussianNoise(model, sigma)
     if noise == "gaussian":
-        noise = "discrete-gaussian"
+        noise = "rounded-gaussian"  # eta ~ 0: Cohen's radius exactly (docs/intrs_radius.md)
     from qrobust.quant import quantize, to_integer
 
     if integer_input not in INTEGER_INPUTS:
@@ -103,7 +103,7 @@ def certify_cmd(
     integer: bool = typer.Option(False, "--integer", help="Integer-only smoothing (IntRS) of "
                                  "the checkpoint's IntegerModel."),
     noise: str = typer.Option("gaussian", "--noise", help="gaussian (float), or with --integer: "
-                              "discrete-gaussian (default) or rounded-gaussian."),
+                              "rounded-gaussian (default) or discrete-gaussian (IntRS)."),
     recipe: str = typer.Option("w8a8", "--recipe", help="Quantization recipe for --integer "
                                "with a float checkpoint."),
     backend: str = typer.Option("onnx", "--backend", help="Integer backend: onnx or reference."),

@@ -39,7 +39,7 @@ class QuantInput(nn.Module):
     def __init__(self, zero_point: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("zero_point", zero_point.float().view(1, -1, 1, 1))
-        # not saved: widening is a certification-time choice (see qrobust.certify.widened)
+        # not saved: widening is chosen where it is used (qrobust.certify.integer_base)
         self.step = 1
         self.register_buffer("offset", torch.zeros_like(self.zero_point), persistent=False)
 
