@@ -10,9 +10,10 @@ Three certifiers on the same checkpoint, the same test images and the same n0 / 
   smoothing of f(clip(x + noise, 0, 1)), the float counterpart of ``--integer-input clipped``;
 * ``ours_integer``: :class:`Smoothed` with :class:`IntegerNoise` (integer noise from an alias
   table, rounded-Gaussian by default or ``--noise discrete-gaussian``, pixel codes, the ONNX
-  Runtime int8 IntegerModel of the w8a8 twin). By default (``--integer-input wide``) the twin's input window is widened to [-6 sigma, 1 + 6 sigma]
-  (:func:`qrobust.certify.integer_base`), so it classifies the unclipped noisy image as the
-  float smoothing does; ``--integer-input clipped`` smooths f(clip(codes, 0, 255)) instead;
+  Runtime int8 IntegerModel of the w8a8 twin). By default (``--integer-input wide``) the
+  twin's input window is widened to [-6 sigma, 1 + 6 sigma] (:func:`qrobust.certify.
+  integer_base`), so it classifies the unclipped noisy image as the float smoothing does;
+  ``--integer-input clipped`` smooths f(clip(codes, 0, 255)) instead;
 * ``ours_float_twin`` (with ``--twin``): float smoothing of the fake-quant twin, to tell the
   accuracy cost of quantization from that of the integer noise and radius.
 
