@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/certify_speed.json")
     args = parser.parse_args(argv)
 
-    from qrobust.certify import GaussianNoise, IntegerNoise, Smoothed, integer_base
+    from qrobust.certify import GaussianNoise, Smoothed, integer_noise
     from qrobust.checkpoint import load_checkpoint
     from qrobust.cli.certify_cmds import image_generator, select_indices
     from qrobust.data import load_dataset, take
-    from qrobust.quant import quantize, to_integer
+    from qrobust.quant import quantize
 
     torch.set_num_threads(args.threads)
     model, meta = load_checkpoint(args.ckpt)
@@ -115,15 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
     twin = quantize(model, args.recipe, calib=take(ds.train, 512, seed=1).tensors()[0])
     options = {"input_shape": ds.input_shape,
                **({"threads": args.threads} if args.backend == "onnx" else {})}
-    wide = args.integer_input == "wide"
-    int_model = (integer_base(twin, args.sigma, args.backend, **options) if wide else
-                 to_integer(twin, backend=args.backend, **options))
     x_all, y_all = ds.test.tensors()
     idx = select_indices(len(y_all), args.limit)
     k = ds.num_classes
     ours_f = Smoothed(GaussianNoise(model, args.sigma), k, batch_size=args.batch_size)
-    ours_i = Smoothed(IntegerNoise(int_model, args.sigma, kind=args.noise, clip=not wide), k,
-                      batch_size=args.batch_size)
+    ours_i = Smoothed(integer_noise(twin, args.sigma, args.noise, args.integer_input == "wide",
+                                    args.backend, **options), k, batch_size=args.batch_size)
 
     def run_ours(sm):
         def go(x, g):

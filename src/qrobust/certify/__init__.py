@@ -2,7 +2,14 @@
 integer-only (IntRS, arXiv 2108.09413) with an exact discrete-Gaussian sampler (arXiv 2004.00010).
 """
 
-from qrobust.certify.intrs import IntegerNoise, integer_base, noise_window, pixel_codes, radius_eta
+from qrobust.certify.intrs import (
+    IntegerNoise,
+    integer_base,
+    integer_noise,
+    noise_window,
+    pixel_codes,
+    radius_eta,
+)
 from qrobust.certify.noise import (
     NoiseTable,
     discrete_gaussian_cks,
@@ -31,6 +38,6 @@ __all__ = [
     "Certificate", "GaussianNoise", "IntegerNoise", "NoiseTable", "NoisyClassifier", "Smoothed",
     "binomial_pvalue", "certified_accuracy", "clopper_pearson_lower", "clopper_pearson_upper",
     "curve", "discrete_gaussian_cks", "discrete_radius", "gaussian", "gaussian_radius",
-    "integer_base", "noise_aware_qat", "noise_table", "noise_window", "pixel_codes",
+    "integer_base", "integer_noise", "noise_aware_qat", "noise_table", "noise_window", "pixel_codes",
     "radius_eta", "rational_sigma2",
 ]

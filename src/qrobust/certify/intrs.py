@@ -96,6 +96,11 @@ def radius_eta(table: NoiseTable, dim: int, clipped: bool) -> float:
     return eta
 
 
+def tail_bound(sigma2: Fraction) -> int:
+    """Default noise table bound for unclipped integer noise: 20 sigma_int codes (+1)."""
+    return math.ceil(20 * math.sqrt(sigma2)) + 1
+
+
 def noise_window(sigma: float, tails: float = 6.0) -> tuple[float, float]:
     """The pixel range [-tails sigma, 1 + tails sigma] a base classifier of noisy images must
     take unclipped (a coordinate leaves it with probability < 2e-9 at 6 sigma)."""
@@ -108,6 +113,18 @@ def integer_base(twin, sigma: float, backend: str = "onnx", **options):
     from qrobust.quant import to_integer, widen_input
 
     return to_integer(widen_input(twin, *noise_window(sigma)), backend=backend, **options)
+
+
+def integer_noise(twin, sigma: float, kind: str = "rounded-gaussian", wide: bool = True,
+                  backend: str = "onnx", **options) -> IntegerNoise:
+    """Integer-only smoothing of ``twin``'s IntegerModel: of the unclipped noisy image
+    (``wide``, :func:`integer_base`) or of codes clipped to [0, 255]. The input window and the
+    noise clipping go together: a widened model needs ``clip=False`` noise."""
+    from qrobust.quant import to_integer
+
+    base = (integer_base(twin, sigma, backend, **options) if wide else
+            to_integer(twin, backend=backend, **options))
+    return IntegerNoise(base, sigma, kind=kind, clip=not wide)
 
 
 @dataclass(frozen=True)
@@ -144,8 +161,7 @@ class IntegerNoise:
             raise ConfigError("the exact CKS sampler draws the discrete Gaussian for a clipping "
                               "classifier: use kind='discrete-gaussian', clip=True")
         sigma2 = rational_sigma2(self.sigma, PIXEL_LEVELS)
-        bound = self.bound or (PIXEL_LEVELS if self.clip else
-                               math.ceil(20 * math.sqrt(sigma2)) + 1)
+        bound = self.bound or (PIXEL_LEVELS if self.clip else tail_bound(sigma2))
         if self.clip and bound < PIXEL_LEVELS:
             raise ConfigError(f"with clip=True the noise bound must be >= {PIXEL_LEVELS}")
         if self.clip and getattr(self.base, "widened", False):

@@ -13,13 +13,12 @@ validation is under noise as well.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from qrobust.certify.intrs import NOISE_KINDS, PIXEL_LEVELS, pixel_codes
+from qrobust.certify.intrs import NOISE_KINDS, PIXEL_LEVELS, pixel_codes, tail_bound
 from qrobust.certify.noise import gaussian, noise_table, rational_sigma2
 from qrobust.data import Split
 from qrobust.errors import ConfigError
@@ -42,7 +41,7 @@ class SmoothingNoise(nn.Module):
                               f"{', '.join(NOISE_KINDS)}")
         self.sigma, self.kind, self.generator = sigma, kind, generator
         sigma2 = rational_sigma2(sigma, PIXEL_LEVELS)
-        bound = max(PIXEL_LEVELS, math.ceil(20 * math.sqrt(sigma2)) + 1)  # as IntegerNoise
+        bound = max(PIXEL_LEVELS, tail_bound(sigma2))  # as IntegerNoise(clip=False)
         self.table = None if kind == "gaussian" else noise_table(kind, sigma2, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

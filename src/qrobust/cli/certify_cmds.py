@@ -58,7 +58,7 @@ def build_noisy(model, meta: dict, *, sigma: float, integer: bool, noise: str, r
     integer-only smoothing of its IntegerModel (quantizing float checkpoints with ``recipe``,
     calibrated on ``calib``), whose input is the unclipped noisy image (``wide``, as in float
     smoothing) or the noisy codes clipped to [0, 255] (``clipped``)."""
-    from qrobust.certify import GaussianNoise, IntegerNoise, integer_base
+    from qrobust.certify import GaussianNoise, integer_noise
 
     if not integer:
         if noise != "gaussian":
@@ -66,16 +66,14 @@ def build_noisy(model, meta: dict, *, sigma: float, integer: bool, noise: str, r
         return GaussianNoise(model, sigma)
     if noise == "gaussian":
         noise = "rounded-gaussian"  # eta ~ 0: Cohen's radius exactly (docs/intrs_radius.md)
-    from qrobust.quant import quantize, to_integer
+    from qrobust.quant import quantize
 
     if integer_input not in INTEGER_INPUTS:
         raise ConfigError(f"unknown --integer-input {integer_input!r}; valid: "
                           f"{', '.join(INTEGER_INPUTS)}")
     twin = model if meta.get("kind") == "quantized" else quantize(model, recipe, calib=calib)
-    wide = integer_input == "wide"
-    base = (integer_base(twin, sigma, backend, input_shape=input_shape) if wide else
-            to_integer(twin, backend=backend, input_shape=input_shape))
-    return IntegerNoise(base, sigma, kind=noise, clip=not wide)
+    return integer_noise(twin, sigma, noise, wide=integer_input == "wide", backend=backend,
+                         input_shape=input_shape)
 
 
 def summarize(rows: list[dict], radii=(0.0, 0.25, 0.5, 0.75, 1.0)) -> dict:

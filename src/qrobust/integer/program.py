@@ -65,13 +65,13 @@ class InputOp:
 
     out: str
     zero_point: torch.Tensor  # (C,) int64: round(255 mean_c) when step = 1
-    step: int = 1  # pixel codes per input code: a power of two (QuantInput.widen)
-    offset: torch.Tensor | None = None  # (C,) int64, step * zero_point - round(255 mean_c)
+    step: int  # pixel codes per input code: a power of two (QuantInput.widen), 1 by default
+    offset: torch.Tensor  # (C,) int64, step * zero_point - round(255 mean_c); 0 when step = 1
 
     @property
     def pixel_zero_point(self) -> torch.Tensor:
         """round(255 mean_c): the pixel code of the channel mean."""
-        return self.zero_point * self.step - (0 if self.offset is None else self.offset)
+        return self.zero_point * self.step - self.offset
 
 
 def input_codes(op: InputOp, pixels: torch.Tensor) -> torch.Tensor:
