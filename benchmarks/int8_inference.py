@@ -1,6 +1,7 @@
 """Images/s at batch 256 for small-cnn (MNIST) and resnet20 (CIFAR-10): torch fp32, ORT fp32,
-ORT int8 (w8a8 twin exported with its own scales, QDQ and QOperator formats) and the reference integer executor, plus
-this CPU's int8 GEMM throughput (ORT MatMulInteger, torch._int_mm) for comparison.
+ORT int8 (w8a8 twin exported with its own scales, QDQ and QOperator formats), OpenVINO fp32 and
+int8 (the qdq-rounded-add export; when openvino is installed) and the reference integer
+executor, plus this CPU's int8 GEMM throughput (ORT MatMulInteger, torch._int_mm).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/int8_inference.py [--threads 1]
 
@@ -27,6 +28,7 @@ from onnx import TensorProto, helper
 from qrobust.checkpoint import load_checkpoint
 from qrobust.integer.base import pixel_codes
 from qrobust.integer.onnx import export_int8, float_model_proto, session
+from qrobust.integer.openvino import compile_onnx
 from qrobust.integer.program import ConvOp, LinearOp, lower
 from qrobust.integer.reference import ReferenceIntegerModel
 from qrobust.models import ModelSpec, build_model
@@ -133,7 +135,8 @@ def timed_round_robin(runs: dict[str, Callable[[], object]], rounds: int,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: int) -> dict:
+def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: int,
+                openvino: bool) -> dict:
     model, shape, source, calib = load_or_random(arch)
     twin = quantize(model, "w8a8", calib)
     program = lower(twin, shape)
@@ -154,25 +157,49 @@ def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: in
         "ort_int8_qoperator": lambda: ort_qop.run(["logits"], {"pixels": u8}),
         "reference_int": lambda: reference.forward_pixels(codes),
     }
+    if openvino:
+        ov_int8 = compile_onnx(export_int8(program, "qdq-rounded-add"), threads)
+        ov_fp32 = compile_onnx(float_model_proto(program), threads)
+        runs["openvino_fp32"] = lambda: ov_fp32({"x": xf})[ov_fp32.output(0)]
+        runs["openvino_int8"] = lambda: ov_int8({"pixels": u8})[ov_int8.output(0)]
     med = timed_round_robin(runs, rounds, slow={"reference_int": ref_rounds})
     macs = macs_per_image(program, spatial)
     ips = {k: batch / v for k, v in med.items()}
-    agree = float((torch.from_numpy(ort_int8.run(["logits"], {"pixels": u8})[0]).argmax(1)
-                   == reference.forward_pixels(codes).argmax(1)).float().mean())
-    return {"model": arch, "input_shape": list(shape), "weights": source, "batch": batch,
-            "median_seconds_per_batch": med, "images_per_s": ips,
-            "int8_over_ort_fp32": ips["ort_int8"] / ips["ort_fp32"],
-            "int8_qoperator_over_ort_fp32": ips["ort_int8_qoperator"] / ips["ort_fp32"],
-            "int8_over_torch_fp32": ips["ort_int8"] / ips["torch_fp32"],
-            "macs_per_image": macs,
-            "ort_int8_gmac_per_s": macs * ips["ort_int8"] / 1e9,
-            "ort_fp32_gmac_per_s": macs * ips["ort_fp32"] / 1e9,
-            "ort_int8_vs_reference_prediction_agreement": agree}
+    want = reference.forward_pixels(codes).argmax(1)
+    row = {"model": arch, "input_shape": list(shape), "weights": source, "batch": batch,
+           "median_seconds_per_batch": med, "images_per_s": ips,
+           "int8_over_ort_fp32": ips["ort_int8"] / ips["ort_fp32"],
+           "int8_qoperator_over_ort_fp32": ips["ort_int8_qoperator"] / ips["ort_fp32"],
+           "int8_over_torch_fp32": ips["ort_int8"] / ips["torch_fp32"],
+           "macs_per_image": macs}
+    for name in [k for k in ips if k.endswith(("int8", "fp32")) and not k.startswith("torch")]:
+        row[f"{name}_gmac_per_s"] = macs * ips[name] / 1e9
+    logits = {"ort_int8": runs["ort_int8"]()[0]}
+    if openvino:
+        logits["openvino_int8"] = runs["openvino_int8"]()
+    for name, got in logits.items():
+        agree = (torch.from_numpy(np.asarray(got)).argmax(1) == want).float().mean()
+        row[f"{name}_vs_reference_prediction_agreement"] = float(agree)
+    if openvino:
+        row["openvino_int8_over_ort_fp32"] = ips["openvino_int8"] / ips["ort_fp32"]
+        row["openvino_int8_over_openvino_fp32"] = ips["openvino_int8"] / ips["openvino_fp32"]
+        # the deployment question: the fastest int8 runtime against the fastest fp32 one
+        row["best_int8_over_best_fp32"] = (max(ips["ort_int8"], ips["openvino_int8"])
+                                           / max(ips["ort_fp32"], ips["openvino_fp32"]))
+    return row
 
 
 def _no_grad(model, x):
     with torch.no_grad():
         return model(x)
+
+
+def _openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main() -> None:
@@ -186,15 +213,21 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peak = gemm_peak(args.threads, args.rounds)
-    rows = [bench_model(a, args.batch, args.rounds, args.threads, args.ref_rounds)
+    openvino = _openvino_available()
+    rows = [bench_model(a, args.batch, args.rounds, args.threads, args.ref_rounds, openvino)
             for a in args.models.split(",")]
     int8_peak = peak["ort_matmulinteger_u8s8"]["gmac_per_s"]
     for row in rows:
-        row["ort_int8_fraction_of_int8_gemm_peak"] = row["ort_int8_gmac_per_s"] / int8_peak
+        for name in ("ort_int8", "openvino_int8"):
+            if f"{name}_gmac_per_s" in row:
+                row[f"{name}_fraction_of_int8_gemm_peak"] = row[f"{name}_gmac_per_s"] / int8_peak
     out = {"benchmark": "int8_inference", "threads": args.threads, "rounds": args.rounds,
            "recipe": "w8a8 (per-channel symmetric int8 weights, uint8 activations)",
            "formats": "ort_int8: QDQ export (ORT fuses it into QLinearConv/QLinearAdd/QGemm); "
-                      "ort_int8_qoperator: the same program written as QLinear ops",
+                      "ort_int8_qoperator: the same program written as QLinear ops; "
+                      "openvino_int8: the qdq-rounded-add export (residual-add inputs rounded "
+                      "by explicit float ops) compiled by OpenVINO, float parts in fp32; "
+                      "*_fp32: the same network in float32 (BatchNorm folded)",
            "command": f"OMP_NUM_THREADS={args.threads} nice -n 10 .venv/bin/python "
                       f"benchmarks/int8_inference.py --threads {args.threads}",
            "cpu_int8_gemm": peak, "models": rows, "target_int8_over_ort_fp32": 2.5,

@@ -22,7 +22,7 @@ def git_sha() -> str | None:
 @functools.cache
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for pkg in ("qrobust", "torch", "numpy", "scipy", "onnxruntime"):
+    for pkg in ("qrobust", "torch", "numpy", "scipy", "onnxruntime", "openvino"):
         try:
             found[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -28,7 +28,7 @@ def mnist_model():
 
 
 @pytest.mark.data
-def test_mnist_twin_reference_and_ort_agree(mnist_model):
+def test_mnist_twin_reference_ort_and_openvino_agree(mnist_model):
     from qrobust.data import take
     from qrobust.quant import quantize, to_integer
 
@@ -39,5 +39,6 @@ def test_mnist_twin_reference_and_ort_agree(mnist_model):
     report = contract(twin, reference, x)
     assert report.prediction_agreement >= 0.999
     assert report.max_abs <= 1 and report.max_mismatch_rate <= 1e-3, report.codes
-    assert prediction_agreement(twin, to_integer(twin, "onnx"), x) >= 0.995
+    for backend in ("onnx", "openvino"):
+        assert prediction_agreement(twin, to_integer(twin, backend), x) >= 0.995
     assert torch.isfinite(reference(x[:4])).all()

@@ -9,6 +9,7 @@ import torch
 from qrobust.checkpoint import load_checkpoint, save_checkpoint
 from qrobust.cli import main
 from qrobust.integer.onnx import session
+from qrobust.integer.openvino import compile_onnx
 
 
 @pytest.fixture
@@ -26,14 +27,19 @@ def test_quantize_qat_and_export(float_ckpt, tmp_path, capsys, digits):
     assert meta["kind"] == "quantized" and meta["quant"]["qat_epochs"] == 1
     assert meta["quant"]["metrics"]["integer_acc"] > 0.9
     twin, _ = load_checkpoint(out)
-    assert main(["export", "--ckpt", str(out), "--format", "onnx-int8",
-                 "--out", str(tmp_path / "m.onnx")]) == 0
-    proto = onnx.load(str(tmp_path / "m.onnx"))
     x = digits.test.tensors()[0][:100]
     codes = torch.clamp(torch.floor(x * 255 + 0.5), 0, 255).to(torch.uint8).numpy()
-    logits = torch.from_numpy(session(proto, threads=1).run(["logits"], {"pixels": codes})[0])
     with torch.no_grad():
-        assert (logits.argmax(1) == twin(x).argmax(1)).float().mean() >= 0.99
+        want = twin(x).argmax(1)
+    for fmt in ("onnx-int8", "onnx-int8-rounded-add"):
+        assert main(["export", "--ckpt", str(out), "--format", fmt,
+                     "--out", str(tmp_path / f"{fmt}.onnx")]) == 0
+        proto = onnx.load(str(tmp_path / f"{fmt}.onnx"))
+        runs = [lambda p: session(p, threads=1).run(["logits"], {"pixels": codes})[0]]
+        if fmt == "onnx-int8-rounded-add":  # the export meant for OpenVINO
+            runs.append(lambda p: (c := compile_onnx(p, 1))({"pixels": codes})[c.output(0)])
+        for run in runs:
+            assert (torch.from_numpy(run(proto)).argmax(1) == want).float().mean() >= 0.99
 
 
 @pytest.mark.parametrize("args,message", [

@@ -70,7 +70,7 @@ def attack_cmd(
                                "gradients,randomness,blackbox,temperature."),
     integer: bool = typer.Option(True, "--integer/--no-integer",
                                  help="For quantized checkpoints: evaluate on the integer model."),
-    backend: str = typer.Option("reference", "--backend", help="Integer backend."),
+    backend: str = typer.Option("reference", "--backend", help="Integer backend: reference, onnx or openvino."),
     queries: int = typer.Option(1000, "--queries", help="Square queries on the integer model."),
     limit: int = typer.Option(None, "--limit", help="First N test points."),
     batch_size: int = typer.Option(256, "--batch-size"),

@@ -104,7 +104,7 @@ def certify_cmd(
                               "rounded-gaussian (default) or discrete-gaussian (IntRS)."),
     recipe: str = typer.Option("w8a8", "--recipe", help="Quantization recipe for --integer "
                                "with a float checkpoint."),
-    backend: str = typer.Option("onnx", "--backend", help="Integer backend: onnx or reference."),
+    backend: str = typer.Option("onnx", "--backend", help="Integer backend: onnx, reference or openvino."),
     integer_input: str = typer.Option("wide", "--integer-input", help="With --integer: 'wide' "
                                       "(the model sees the unclipped noisy image, as float "
                                       "smoothing does) or 'clipped' (codes clipped to [0, 255])."),

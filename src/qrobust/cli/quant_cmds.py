@@ -53,7 +53,8 @@ def quantize_cmd(
 def export_cmd(
     ckpt: str = ckpt_option(),
     fmt: str = typer.Option("onnx-int8", "--format",
-                            help="onnx-int8 (QDQ), onnx-int8-qoperator (QLinear ops) or onnx-fp32."),
+                            help="onnx-int8 (QDQ), onnx-int8-qoperator (QLinear ops), "
+                                 "onnx-int8-rounded-add (QDQ for OpenVINO) or onnx-fp32."),
     out: str = Out,
 ) -> None:
     """Export a quantized checkpoint as an ONNX model (int8 integer ops, or the fp32 graph)."""
@@ -61,7 +62,8 @@ def export_cmd(
     from qrobust.integer.program import lower
 
     formats = {"onnx-int8": export_int8, "onnx-fp32": float_model_proto,
-               "onnx-int8-qoperator": lambda program: export_int8(program, "qoperator")}
+               "onnx-int8-qoperator": lambda program: export_int8(program, "qoperator"),
+               "onnx-int8-rounded-add": lambda program: export_int8(program, "qdq-rounded-add")}
     if fmt not in formats:
         raise ConfigError(f"unknown export format '{fmt}'; valid: {', '.join(sorted(formats))}")
     if read_meta(ckpt).get("kind") != "quantized":

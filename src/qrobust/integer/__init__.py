@@ -1,4 +1,5 @@
-"""Integer execution of quantized twins: the exact reference executor and ONNX Runtime int8.
+"""Integer execution of quantized twins: the exact reference executor, ONNX Runtime int8 and
+(optional) OpenVINO int8.
 
 ``BACKENDS``: name -> factory ``(twin, **options) -> IntegerModel``.
 """
@@ -28,6 +29,13 @@ def _onnx(twin: nn.Module, **options) -> IntegerModel:
     from qrobust.integer.onnx import OnnxIntegerModel
 
     return OnnxIntegerModel(twin, **options)
+
+
+@BACKENDS.register("openvino")
+def _openvino(twin: nn.Module, **options) -> IntegerModel:
+    from qrobust.integer.openvino import OpenVinoIntegerModel
+
+    return OpenVinoIntegerModel(twin, **options)
 
 
 __all__ = ["BACKENDS", "IntegerModel", "Program", "lower", "pixel_codes"]

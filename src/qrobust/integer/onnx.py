@@ -11,9 +11,13 @@ and zero points (no re-calibration, no torch.onnx), in one of two standard forma
 * ``qoperator``: the fused ops written out: ``QLinearConv`` (uint8 activations x int8
   per-channel weights, int32 bias, requantization fused; linear layers as 1x1 convolutions),
   ``com.microsoft.QLinearAdd``, ``com.microsoft.QLinearGlobalAveragePool``, and
-  ``MatMulInteger`` + int32 bias + one float multiply for the logits.
+  ``MatMulInteger`` + int32 bias + one float multiply for the logits;
+* ``qdq-rounded-add``: ``qdq`` except that a conv output feeding a residual add is requantized
+  in float (``Round(y / s)``, ``Clip``, ``* s``) instead of by a Q -> DQ pair: the same values,
+  written so that OpenVINO (which fuses conv -> Q -> DQ -> Add into one kernel and drops the
+  rounding in between) computes them too. The OpenVINO backend runs this format.
 
-Both formats give identical predictions and logits to each other (tested). Max-pooling and
+The formats give identical predictions and logits to each other under ORT (tested). Max-pooling and
 flatten run on uint8 directly. The input is uint8 pixel codes; the first layer's per-channel
 zero point round(255 mean_c) is exact: the input is padded explicitly with z_c and
 ``-sum w z_c`` is folded into the int32 bias, so the convolution sees ``q - z_c`` with zero
@@ -64,6 +68,7 @@ class _U8:
     name: str
     scale: float
     zero_point: int | np.ndarray  # array: per-feature zero points (the raw pixel input)
+    real: str | None = None  # QDQ formats: the float tensor a conv's QuantizeLinear rounded
 
 
 class _Builder:
@@ -154,7 +159,7 @@ def _out_repr(op: RequantOp) -> tuple[int, bool]:
     return op.zero_point + (128 if shifted else 0), shifted
 
 
-FORMATS = ("qdq", "qoperator")
+FORMATS = ("qdq", "qoperator", "qdq-rounded-add")
 
 
 def build_int8_proto(program: Program, fmt: str = "qdq") -> onnx.ModelProto:
@@ -185,15 +190,18 @@ def build_int8_proto(program: Program, fmt: str = "qdq") -> onnx.ModelProto:
             slots[op.out] = _U8(b.node("Flatten", [x.name], "flatten", axis=1), x.scale, zp)
         elif isinstance(op, RequantOp):
             slots[op.out] = _requant(b, op, slots, accs, shapes, program.codes[op.out].scale,
-                                     qdq=fmt == "qdq")
+                                     fmt=fmt)
         elif isinstance(op, OutputOp):
-            _output(b, op, slots, accs, qdq=fmt == "qdq")
+            _output(b, op, slots, accs, qdq=fmt != "qoperator")
         else:
             raise ConfigError(f"ONNX int8 export does not support {type(op).__name__}")
+    nodes = _live(b.nodes, "logits")
+    used = {i for n in nodes for i in n.input}
     graph = helper.make_graph(
-        b.nodes, f"qrobust-int8-{fmt}",
+        nodes, f"qrobust-int8-{fmt}",
         [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", c, h, w])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", None])], b.inits)
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", None])],
+        [t for t in b.inits if t.name in used])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid(MS, 1)])
     model.ir_version = 8
@@ -201,10 +209,11 @@ def build_int8_proto(program: Program, fmt: str = "qdq") -> onnx.ModelProto:
 
 
 def _requant(b: _Builder, op: RequantOp, slots: dict[str, _U8], accs: dict, shapes,
-             scale: float, qdq: bool) -> _U8:
+             scale: float, fmt: str) -> _U8:
     """The op feeding a requantization (conv / linear, residual add, average pool) and the
-    requantization itself: one QLinear* node, or (``qdq``) DequantizeLinear -> float op ->
+    requantization itself: one QLinear* node, or (QDQ formats) DequantizeLinear -> float op ->
     QuantizeLinear, which ORT fuses into that same QLinear* kernel."""
+    qdq = fmt != "qoperator"
     zp_out, _ = _out_repr(op)
     y_scale, y_zp = b.const(_f32(scale), "ys"), b.const(_u8_value(zp_out), "yz")
 
@@ -216,7 +225,8 @@ def _requant(b: _Builder, op: RequantOp, slots: dict[str, _U8], accs: dict, shap
 
     if len(op.terms) == 2 and all(t.slot in slots for t in op.terms):
         xs = [slots[t.slot] for t in op.terms]
-        out = (quantize(b.node("Add", [_dq(b, x) for x in xs], "add")) if qdq else
+        real = [_rounded(b, x) if fmt == "qdq-rounded-add" and x.real else _dq(b, x) for x in xs]
+        out = (quantize(b.node("Add", real, "add")) if qdq else
                b.node("QLinearAdd", [*operands(xs[0]), *operands(xs[1]), y_scale, y_zp], "add",
                       domain=MS))
         return _U8(out, scale, zp_out)
@@ -241,18 +251,43 @@ def _requant(b: _Builder, op: RequantOp, slots: dict[str, _U8], accs: dict, shap
     attrs = dict(pads=pads, strides=list(getattr(src, "stride", (1, 1))),
                  kernel_shape=list(w8.shape[2:]))
     zeros = np.zeros(o, dtype=np.int8)
+    real = None
     if qdq:
         weight = _dq(b, b.const(w8, "w"), w_scale, zeros, axis=0)
         bias = _dq(b, b.const(bias, "b"), _f32(acc_scale), zeros.astype(np.int32), axis=0)
-        out = quantize(b.node("Conv", [_dq(b, name, x_scale, x_zero), weight, bias], "conv",
-                              **attrs))
+        real = b.node("Conv", [_dq(b, name, x_scale, x_zero), weight, bias], "conv", **attrs)
+        out = quantize(real)
     else:
         out = b.node("QLinearConv", [name, b.const(x_scale, "xs"), b.const(x_zero, "xz"),
                                      b.const(w8, "w"), b.const(w_scale, "ws"), b.const(zeros, "wz"),
                                      y_scale, y_zp, b.const(bias, "b")], "qconv", **attrs)
     if isinstance(src, LinearOp):
         out = b.node("Reshape", [out, b.const(np.array([-1, o]), "shape")], "as2d")
-    return _U8(out, scale, zp_out)
+        real = None
+    return _U8(out, scale, zp_out, real)
+
+
+def _rounded(b: _Builder, x: _U8) -> str:
+    """DequantizeLinear(QuantizeLinear(real)) written out in float: Round(real / s) clipped to
+    the uint8 range, times s. Same values (Round is half-to-even like QuantizeLinear), but a
+    runtime that fuses a conv -> Q -> DQ -> Add chain into one kernel cannot drop the rounding:
+    OpenVINO does (a sum post-op), and 1/3 of a residual block's output codes moved by 1 LSB."""
+    z = int(x.zero_point)
+    s = _f32(x.scale)
+    codes = b.node("Round", [b.node("Div", [x.real, b.const(s, "s")], "div")], "round")
+    codes = b.node("Clip", [codes, b.const(_f32(-z), "lo"), b.const(_f32(255 - z), "hi")], "clip")
+    return b.node("Mul", [codes, b.const(s, "s")], "dq")
+
+
+def _live(nodes: list[onnx.NodeProto], output: str) -> list[onnx.NodeProto]:
+    """The nodes ``output`` depends on (a conv whose rounding was written out in float leaves
+    its QuantizeLinear unused)."""
+    needed, keep = {output}, []
+    for node in reversed(nodes):
+        if needed & set(node.output):
+            keep.append(node)
+            needed |= set(node.input)
+    return keep[::-1]
 
 
 def _output(b: _Builder, op: OutputOp, slots: dict[str, _U8], accs: dict, qdq: bool) -> None:

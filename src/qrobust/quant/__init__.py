@@ -1,7 +1,7 @@
 """Quantization: the k-bit fake-quant twin (PTQ, QAT) and the integer model that matches it.
 
 ``quantize(model, recipe, calib)`` -> twin (float images in [0, 1] -> logits, STE gradients);
-``to_integer(twin, backend='reference' | 'onnx')`` -> :class:`IntegerModel`.
+``to_integer(twin, backend='reference' | 'onnx' | 'openvino')`` -> :class:`IntegerModel`.
 See docs/quantization.md for the formulas, the requantization scheme and the tolerance.
 """
 
