@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds = load_dataset(meta["dataset"], args.data_dir)
     twin = quantize(model, args.recipe, calib=take(ds.train, 512, seed=1).tensors()[0])
     options = {"input_shape": ds.input_shape,
-               **({"threads": args.threads} if args.backend == "onnx" else {})}
+               **({"threads": args.threads} if args.backend in ("onnx", "openvino") else {})}
     x_all, y_all = ds.test.tensors()
     idx = select_indices(len(y_all), args.limit)
     k = ds.num_classes
