@@ -17,11 +17,13 @@ and zero points (no re-calibration, no torch.onnx), in one of two standard forma
   written so that OpenVINO (which fuses conv -> Q -> DQ -> Add into one kernel and drops the
   rounding in between) computes them too. The OpenVINO backend runs this format.
 
-The formats give identical predictions and logits to each other under ORT (tested). Max-pooling and
-flatten run on uint8 directly. The input is uint8 pixel codes; the first layer's per-channel
-zero point round(255 mean_c) is exact: the input is padded explicitly with z_c and
-``-sum w z_c`` is folded into the int32 bias, so the convolution sees ``q - z_c`` with zero
-padding.
+Under ORT, ``qdq`` and ``qoperator`` give identical predictions and logits (tested);
+``qdq-rounded-add`` the same predictions but for near-ties (ORT runs the convs whose rounding
+is written out in float: 100% of CIFAR-10 predictions, logits within ~1% of their range).
+Max-pooling and flatten run on uint8 directly. The input is uint8 pixel codes; the first
+layer's per-channel zero point round(255 mean_c) is exact: the input is padded explicitly
+with z_c and ``-sum w z_c`` is folded into the int32 bias, so the convolution sees
+``q - z_c`` with zero padding.
 
 Signed activation codes [-127, 127] are stored as uint8 with zero point 128. ORT requantizes
 with a float multiplier and rounds half to even, the reference executor with a fixed-point
