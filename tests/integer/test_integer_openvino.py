@@ -70,3 +70,12 @@ def test_openvino_missing_is_a_clear_error(trained, calib, monkeypatch):
 def test_openvino_needs_8bit_activations(trained, calib):
     with pytest.raises(ConfigError, match="8-bit"):
         to_integer(quantize(trained("small-cnn"), "w4a4", calib), "openvino")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_exported_backends_need_an_input_shape(trained, calib, backend):
+    twin = quantize(trained("small-cnn"), "w8a8", calib)
+    twin.meta["input_shape"] = None  # e.g. a twin quantized without one
+    with pytest.raises(ConfigError, match=f"the {backend} backend needs the input shape"):
+        to_integer(twin, backend)
+    assert to_integer(twin, backend, input_shape=(1, 8, 8))(calib[:2]).shape == (2, 10)

@@ -413,11 +413,7 @@ class OnnxIntegerModel(IntegerModel):
     def __init__(self, twin: nn.Module, input_shape: tuple[int, int, int] | None = None,
                  threads: int | None = None, fmt: str = "qdq") -> None:
         super().__init__()
-        shape = input_shape or getattr(twin, "input_shape", None)
-        if shape is None:
-            raise ConfigError("the ONNX backend needs the input shape: to_integer(twin, 'onnx', "
-                              "input_shape=(C, H, W))")
-        self.program = lower(twin, tuple(shape))
+        self.program = lower_for_export(twin, input_shape, "onnx")
         self.widened = self.program.input_op.step > 1
         self.proto = export_int8(self.program, fmt)
         self.session = session(self.proto, threads)
@@ -426,6 +422,16 @@ class OnnxIntegerModel(IntegerModel):
     def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:
         u8 = input_codes(self.program.input_op, codes).to(torch.uint8).numpy()
         return torch.from_numpy(self.session.run(["logits"], {"pixels": u8})[0])
+
+
+def lower_for_export(twin: nn.Module, input_shape: tuple[int, int, int] | None,
+                     backend: str) -> Program:
+    """The integer program of ``twin`` at a fixed input shape (an exported graph needs one)."""
+    shape = input_shape or getattr(twin, "input_shape", None)
+    if shape is None:
+        raise ConfigError(f"the {backend} backend needs the input shape: to_integer(twin, "
+                          f"'{backend}', input_shape=(C, H, W))")
+    return lower(twin, tuple(shape))
 
 
 def export_int8(program: Program, fmt: str = "qdq") -> onnx.ModelProto:

@@ -22,8 +22,8 @@ from torch import nn
 
 from qrobust.errors import ConfigError
 from qrobust.integer.base import IntegerModel
-from qrobust.integer.onnx import export_int8
-from qrobust.integer.program import input_codes, lower
+from qrobust.integer.onnx import export_int8, lower_for_export
+from qrobust.integer.program import input_codes
 
 
 def compile_onnx(proto: onnx.ModelProto, threads: int | None = None):
@@ -47,11 +47,7 @@ class OpenVinoIntegerModel(IntegerModel):
     def __init__(self, twin: nn.Module, input_shape: tuple[int, int, int] | None = None,
                  threads: int | None = None) -> None:
         super().__init__()
-        shape = input_shape or getattr(twin, "input_shape", None)
-        if shape is None:
-            raise ConfigError("the openvino backend needs the input shape: to_integer(twin, "
-                              "'openvino', input_shape=(C, H, W))")
-        self.program = lower(twin, tuple(shape))
+        self.program = lower_for_export(twin, input_shape, "openvino")
         self.widened = self.program.input_op.step > 1
         self.proto = export_int8(self.program, "qdq-rounded-add")
         self.compiled = compile_onnx(self.proto, threads)
