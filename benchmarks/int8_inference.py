@@ -14,6 +14,7 @@ says so. Writes benchmarks/results/int8_inference.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -194,14 +195,6 @@ def _no_grad(model, x):
         return model(x)
 
 
-def _openvino_available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
@@ -213,7 +206,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peak = gemm_peak(args.threads, args.rounds)
-    openvino = _openvino_available()
+    openvino = importlib.util.find_spec("openvino") is not None  # an optional dependency
     rows = [bench_model(a, args.batch, args.rounds, args.threads, args.ref_rounds, openvino)
             for a in args.models.split(",")]
     int8_peak = peak["ort_matmulinteger_u8s8"]["gmac_per_s"]

@@ -25,3 +25,9 @@ def trained(digits):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def all_digits(digits):
+    """All 1,797 digits images (train and test): the contract tests' evaluation set."""
+    return torch.cat([digits.train.tensors()[0], digits.test.tensors()[0]])

@@ -22,22 +22,18 @@ FUSED_OPS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm",
              "MatMulIntegerToFloat", "MaxPool", "Flatten", "Reshape", "Pad", "Where"}
 
 
-def all_digits(digits):
-    return torch.cat([digits.train.tensors()[0], digits.test.tensors()[0]])
-
-
 @pytest.mark.parametrize("arch,recipe", [("small-cnn", "w8a8"), ("mlp", "w4a8,pt"),
                                          ("resnet20", "w8a8")])
-def test_twin_and_ort_int8_agree(trained, digits, calib, arch, recipe):
+def test_twin_and_ort_int8_agree(trained, all_digits, calib, arch, recipe):
     twin = quantize(trained(arch), recipe, calib)
     for fmt in ("qdq", "qoperator"):
         ort_model = to_integer(twin, "onnx", threads=1, fmt=fmt)
-        assert prediction_agreement(twin, ort_model, all_digits(digits)) >= 0.995
+        assert prediction_agreement(twin, ort_model, all_digits) >= 0.995
 
 
 @pytest.mark.parametrize("arch,recipe", [("small-cnn", "w8a8"), ("mlp", "w4a8,pt"),
                                          ("resnet20", "w8a8")])
-def test_qdq_is_standard_onnx_fused_into_integer_kernels(trained, digits, calib, arch, recipe):
+def test_qdq_is_standard_onnx_fused_into_integer_kernels(trained, all_digits, calib, arch, recipe):
     program = lower(quantize(trained(arch), recipe, calib), (1, 8, 8))
     qdq, qop = export_int8(program, "qdq"), export_int8(program, "qoperator")
     assert {n.op_type for n in qdq.graph.node} <= QDQ_OPS
@@ -45,7 +41,7 @@ def test_qdq_is_standard_onnx_fused_into_integer_kernels(trained, digits, calib,
     assert {n.op_type for n in qop.graph.node} <= INTEGER_OPS
     fused = set(fused_op_types(qdq))
     assert fused <= FUSED_OPS, fused - FUSED_OPS
-    pixels = (all_digits(digits) * 255).round().to(torch.uint8).numpy()
+    pixels = (all_digits * 255).round().to(torch.uint8).numpy()
     got = session(qdq, 1).run(["logits"], {"pixels": pixels})[0]
     want = session(qop, 1).run(["logits"], {"pixels": pixels})[0]
     assert np.array_equal(got.argmax(1), want.argmax(1))

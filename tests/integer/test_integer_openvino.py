@@ -13,15 +13,10 @@ from qrobust.integer.program import lower
 from qrobust.quant import quantize, to_integer
 
 
-def all_digits(digits):
-    return torch.cat([digits.train.tensors()[0], digits.test.tensors()[0]])
-
-
 @pytest.mark.parametrize("arch,recipe", [("small-cnn", "w8a8"), ("mlp", "w4a8,pt"),
                                          ("resnet20", "w8a8")])
-def test_twin_and_openvino_int8_agree(trained, digits, calib, arch, recipe):
-    twin = quantize(trained(arch), recipe, calib)
-    x = all_digits(digits)
+def test_twin_and_openvino_int8_agree(trained, all_digits, calib, arch, recipe):
+    twin, x = quantize(trained(arch), recipe, calib), all_digits
     ov_model = to_integer(twin, "openvino", threads=1)
     assert prediction_agreement(twin, ov_model, x) >= 0.995
     # and with ORT, logit for logit: both run the same integer program, so logits differ only
@@ -36,7 +31,7 @@ def _producers(proto):
     return {o: n for n in proto.graph.node for o in n.output}
 
 
-def test_rounded_add_export_writes_out_the_rounding_and_keeps_the_values(trained, digits, calib):
+def test_rounded_add_export_keeps_the_rounding_and_the_values(trained, all_digits, calib):
     program = lower(quantize(trained("resnet20"), "w8a8", calib), (1, 8, 8))
     qdq, rounded = export_int8(program, "qdq"), export_int8(program, "qdq-rounded-add")
     # in qdq, residual adds read conv outputs through Q -> DQ; in qdq-rounded-add, through
@@ -54,7 +49,7 @@ def test_rounded_add_export_writes_out_the_rounding_and_keeps_the_values(trained
     assert all(set(n.output) <= consumed for n in rounded.graph.node)
     assert {t.name for t in rounded.graph.initializer} <= consumed
     # same program: ORT gives the same predictions for both formats
-    pixels = (all_digits(digits) * 255).round().to(torch.uint8).numpy()
+    pixels = (all_digits * 255).round().to(torch.uint8).numpy()
     a = session(qdq, 1).run(["logits"], {"pixels": pixels})[0]
     b = session(rounded, 1).run(["logits"], {"pixels": pixels})[0]
     assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.999
