@@ -5,6 +5,10 @@ executor, plus this CPU's int8 GEMM throughput (ORT MatMulInteger, torch._int_mm
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/int8_inference.py [--threads 1]
 
+On a CPU whose u8 x s8 kernels saturate (x86 without VNNI) the recipe gets ``reduce-range``
+(``--reduce-range auto``, as the CLI does) and, for comparison, ``ort_int8_w8a8_uint8_weights``
+times the full 8-bit weights on ORT's exact u8 x u8 kernels.
+
 Backends are timed round-robin (one batch each per round) so that they share the machine's
 load; medians over rounds. Speed does not depend on weight values: when a trained checkpoint
 is missing, a randomly initialised model (calibrated on random images) is used and the JSON
@@ -27,14 +31,15 @@ import torch
 from onnx import TensorProto, helper
 
 from qrobust.checkpoint import load_checkpoint
+from qrobust.hardware import cpu_info
 from qrobust.integer.base import pixel_codes
-from qrobust.integer.onnx import export_int8, float_model_proto, session
+from qrobust.integer.onnx import export_int8, float_model_proto, int8_kernels, session, weight_types
 from qrobust.integer.openvino import compile_onnx
 from qrobust.integer.program import ConvOp, LinearOp, lower
 from qrobust.integer.reference import ReferenceIntegerModel
 from qrobust.models import ModelSpec, build_model
 from qrobust.provenance import provenance
-from qrobust.quant import quantize
+from qrobust.quant import quantize, resolve_reduce_range
 
 RESULTS = Path(__file__).parent / "results" / "int8_inference.json"
 MODELS = {"small-cnn": ("benchmarks/models/small-cnn-mnist", (1, 28, 28), "mnist"),
@@ -137,18 +142,19 @@ def timed_round_robin(runs: dict[str, Callable[[], object]], rounds: int,
 
 
 def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: int,
-                openvino: bool) -> dict:
+                openvino: bool, recipe: str) -> dict:
     model, shape, source, calib = load_or_random(arch)
-    twin = quantize(model, "w8a8", calib)
+    twin = quantize(model, recipe, calib)
     program = lower(twin, shape)
+    exact = int8_kernels().exact_u8s8  # False: unsafe layers get uint8 weights (exact, slower)
     spatial = conv_spatial(twin, shape)
     x = calib[:batch] if len(calib) >= batch else torch.rand(batch, *shape)
     x = torch.cat([x] * (-(-batch // len(x))))[:batch]
     codes = pixel_codes(x)
     u8 = codes.to(torch.uint8).numpy()
     xf = x.numpy()
-    ort_int8 = session(export_int8(program, "qdq"), threads)
-    ort_qop = session(export_int8(program, "qoperator"), threads)
+    ort_int8 = session(export_int8(program, "qdq", exact), threads)
+    ort_qop = session(export_int8(program, "qoperator", exact), threads)
     ort_fp32 = session(float_model_proto(program), threads)
     reference = ReferenceIntegerModel(twin, shape, chunk=batch)
     runs = {
@@ -158,8 +164,12 @@ def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: in
         "ort_int8_qoperator": lambda: ort_qop.run(["logits"], {"pixels": u8}),
         "reference_int": lambda: reference.forward_pixels(codes),
     }
+    if not exact:  # the cost of exact full 8-bit weights on this CPU
+        full8 = lower(quantize(model, "w8a8", calib), shape)
+        ort_u8u8 = session(export_int8(full8, "qdq", exact_u8s8=False), threads)
+        runs["ort_int8_w8a8_uint8_weights"] = lambda: ort_u8u8.run(["logits"], {"pixels": u8})
     if openvino:
-        ov_int8 = compile_onnx(export_int8(program, "qdq-rounded-add"), threads)
+        ov_int8 = compile_onnx(export_int8(program, "qdq-rounded-add", exact), threads)
         ov_fp32 = compile_onnx(float_model_proto(program), threads)
         runs["openvino_fp32"] = lambda: ov_fp32({"x": xf})[ov_fp32.output(0)]
         runs["openvino_int8"] = lambda: ov_int8({"pixels": u8})[ov_int8.output(0)]
@@ -168,6 +178,7 @@ def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: in
     ips = {k: batch / v for k, v in med.items()}
     want = reference.forward_pixels(codes).argmax(1)
     row = {"model": arch, "input_shape": list(shape), "weights": source, "batch": batch,
+           "recipe": recipe, "weight_types": weight_types(export_int8(program, "qdq", exact)),
            "median_seconds_per_batch": med, "images_per_s": ips,
            "int8_over_ort_fp32": ips["ort_int8"] / ips["ort_fp32"],
            "int8_qoperator_over_ort_fp32": ips["ort_int8_qoperator"] / ips["ort_fp32"],
@@ -202,12 +213,16 @@ def main() -> None:
     ap.add_argument("--ref-rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", default="small-cnn,resnet20")
+    ap.add_argument("--recipe", default="w8a8")
+    ap.add_argument("--reduce-range", default="auto", choices=("auto", "on", "off"),
+                    help="7-bit weight codes where this CPU's u8 x s8 kernels saturate")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peak = gemm_peak(args.threads, args.rounds)
     openvino = importlib.util.find_spec("openvino") is not None  # an optional dependency
-    rows = [bench_model(a, args.batch, args.rounds, args.threads, args.ref_rounds, openvino)
+    recipe = resolve_reduce_range(args.recipe, args.reduce_range).text
+    rows = [bench_model(a, args.batch, args.rounds, args.threads, args.ref_rounds, openvino, recipe)
             for a in args.models.split(",")]
     int8_peak = peak["ort_matmulinteger_u8s8"]["gmac_per_s"]
     for row in rows:
@@ -215,14 +230,16 @@ def main() -> None:
             if f"{name}_gmac_per_s" in row:
                 row[f"{name}_fraction_of_int8_gemm_peak"] = row[f"{name}_gmac_per_s"] / int8_peak
     out = {"benchmark": "int8_inference", "threads": args.threads, "rounds": args.rounds,
-           "recipe": "w8a8 (per-channel symmetric int8 weights, uint8 activations)",
+           "recipe": f"{recipe} (per-channel symmetric weights, uint8 activations)",
+           "cpu": cpu_info().to_dict(), "onnxruntime_kernels": int8_kernels().to_dict(),
            "formats": "ort_int8: QDQ export (ORT fuses it into QLinearConv/QLinearAdd/QGemm); "
                       "ort_int8_qoperator: the same program written as QLinear ops; "
                       "openvino_int8: the qdq-rounded-add export (residual-add inputs rounded "
                       "by explicit float ops) compiled by OpenVINO, float parts in fp32; "
                       "*_fp32: the same network in float32 (BatchNorm folded)",
            "command": f"OMP_NUM_THREADS={args.threads} nice -n 10 .venv/bin/python "
-                      f"benchmarks/int8_inference.py --threads {args.threads}",
+                      f"benchmarks/int8_inference.py --threads {args.threads} --rounds "
+                      f"{args.rounds} --recipe {args.recipe} --reduce-range {args.reduce_range}",
            "cpu_int8_gemm": peak, "models": rows, "target_int8_over_ort_fp32": 2.5,
            "note": "medians of round-robin rounds (one batch of each backend per round) on a "
                    "shared 2-core machine",

@@ -8,6 +8,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from qrobust.hardware import cpu_info
+
 
 @functools.cache
 def git_sha() -> str | None:
@@ -27,6 +29,7 @@ def versions() -> dict[str, str]:
             found[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             continue
+    found["cpu"] = cpu_info().describe()  # int8 runtimes' results depend on it (VNNI or not)
     return found
 
 

@@ -1,6 +1,7 @@
 """The contract on real data: MNIST small-cnn (benchmarks/models/small-cnn-mnist) on a fixed
 seeded 3,000-image subset of the test set (the full 10k runs in benchmarks/quant_accuracy.py)."""
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ def test_mnist_twin_reference_ort_and_openvino_agree(mnist_model):
     report = contract(twin, reference, x)
     assert report.prediction_agreement >= 0.999
     assert report.max_abs <= 1 and report.max_mismatch_rate <= 1e-3, report.codes
-    for backend in ("onnx", "openvino"):
-        assert prediction_agreement(twin, to_integer(twin, backend), x) >= 0.995
+    assert prediction_agreement(twin, to_integer(twin, "onnx"), x) >= 0.995
+    if find_spec("openvino") is not None:  # exact on every x86 CPU with 7-bit weight codes
+        rr = quantize(model, "w8a8,reduce-range", take(ds.train, 512).tensors()[0])
+        assert prediction_agreement(rr, to_integer(rr, "openvino"), x) >= 0.995
     assert torch.isfinite(reference(x[:4])).all()

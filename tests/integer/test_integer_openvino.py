@@ -1,6 +1,11 @@
-"""OpenVINO int8 backend: agreement with the twin, and the rounded-add export it runs."""
+"""OpenVINO int8 backend: agreement with the twin, and the rounded-add export it runs.
+
+8-bit weights are ``reduce-range`` (7-bit codes): OpenVINO runs them exactly on every x86 CPU,
+with or without VNNI (tests/integer/test_int8_kernels.py checks the refusal of full 8-bit
+weights where they could saturate)."""
 
 import sys
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -12,9 +17,13 @@ from qrobust.integer.onnx import export_int8, session
 from qrobust.integer.program import lower
 from qrobust.quant import quantize, to_integer
 
+needs_openvino = pytest.mark.skipif(find_spec("openvino") is None,
+                                    reason="the openvino extra is not installed")
 
-@pytest.mark.parametrize("arch,recipe", [("small-cnn", "w8a8"), ("mlp", "w4a8,pt"),
-                                         ("resnet20", "w8a8")])
+
+@needs_openvino
+@pytest.mark.parametrize("arch,recipe", [("small-cnn", "w8a8,reduce-range"), ("mlp", "w4a8,pt"),
+                                         ("resnet20", "w8a8,reduce-range")])
 def test_twin_and_openvino_int8_agree(trained, all_digits, calib, arch, recipe):
     twin, x = quantize(trained(arch), recipe, calib), all_digits
     ov_model = to_integer(twin, "openvino", threads=1)
@@ -32,7 +41,7 @@ def _producers(proto):
 
 
 def test_rounded_add_export_keeps_the_rounding_and_the_values(trained, all_digits, calib):
-    program = lower(quantize(trained("resnet20"), "w8a8", calib), (1, 8, 8))
+    program = lower(quantize(trained("resnet20"), "w8a8,reduce-range", calib), (1, 8, 8))
     qdq, rounded = export_int8(program, "qdq"), export_int8(program, "qdq-rounded-add")
     # in qdq, residual adds read conv outputs through Q -> DQ; in qdq-rounded-add, through
     # Round -> Clip -> Mul, with no dead Q node left behind
@@ -62,14 +71,15 @@ def test_openvino_missing_is_a_clear_error(trained, calib, monkeypatch):
         to_integer(quantize(trained("small-cnn"), "w8a8", calib), "openvino")
 
 
+@needs_openvino
 def test_openvino_needs_8bit_activations(trained, calib):
     with pytest.raises(ConfigError, match="8-bit"):
         to_integer(quantize(trained("small-cnn"), "w4a4", calib), "openvino")
 
 
-@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+@pytest.mark.parametrize("backend", ["onnx", pytest.param("openvino", marks=needs_openvino)])
 def test_exported_backends_need_an_input_shape(trained, calib, backend):
-    twin = quantize(trained("small-cnn"), "w8a8", calib)
+    twin = quantize(trained("small-cnn"), "w8a8,reduce-range", calib)
     twin.meta["input_shape"] = None  # e.g. a twin quantized without one
     with pytest.raises(ConfigError, match=f"the {backend} backend needs the input shape"):
         to_integer(twin, backend)

@@ -52,6 +52,7 @@ def transfer_to_integer(twin: Any, attack: Attack, x: torch.Tensor, y: torch.Ten
                           if bool(eligible.any()) else None),
         "n_transfer_eligible": int(eligible.sum()),
         **attack.describe(), **gstats,
+        "deployment": integer.deployment() if hasattr(integer, "deployment") else None,
     }
     warnings = []
     if metrics["adv_disagreement"] > DISAGREEMENT_THRESHOLD:

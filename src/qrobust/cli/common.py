@@ -18,3 +18,9 @@ def ckpt_option(required: bool = True):
 
 def as_path(p: str | None) -> Path | None:
     return Path(p) if p else None
+
+
+ReduceRange = typer.Option(
+    "auto", "--reduce-range",
+    help="Keep 8-bit weights to 7-bit codes so the int8 runtimes' u8 x s8 kernels stay exact on "
+         "CPUs without VNNI: auto (only on such a CPU), on, off.")

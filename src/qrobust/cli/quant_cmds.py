@@ -8,7 +8,7 @@ import typer
 
 from qrobust.checkpoint import atomic_write_bytes, load_checkpoint, read_meta
 from qrobust.cli import app
-from qrobust.cli.common import DataDir, NoVerify, Out, ckpt_option
+from qrobust.cli.common import DataDir, NoVerify, Out, ReduceRange, ckpt_option
 from qrobust.errors import CheckpointError, ConfigError
 
 
@@ -17,6 +17,7 @@ def quantize_cmd(
     ckpt: str = ckpt_option(),
     recipe: str = typer.Option(..., "--recipe", help="e.g. w8a8, w4a4, 'w4a4,first=8,last=8', w3."),
     calib: int = typer.Option(512, "--calib", help="Calibration images from the training set."),
+    reduce_range: str = ReduceRange,
     qat_epochs: int = typer.Option(0, "--qat-epochs", help="QAT fine-tuning epochs (0: PTQ only)."),
     qat_lr: float = typer.Option(None, "--qat-lr", help="QAT learning rate (default 1e-4, Adam)."),
     seed: int = typer.Option(0, "--seed"),
@@ -24,11 +25,12 @@ def quantize_cmd(
 ) -> None:
     """Quantize a float checkpoint (PTQ, then optional QAT) and save the quantized twin."""
     from qrobust.data import load_dataset, take
-    from qrobust.quant import parse_recipe, quantize, save_quantized, to_integer
+    from qrobust.hardware import cpu_info
+    from qrobust.quant import quantize, resolve_reduce_range, save_quantized, to_integer
     from qrobust.quant.qat import finetune, qat_config
     from qrobust.train import accuracy
 
-    parsed = parse_recipe(recipe)  # bad recipes fail before any data is read
+    parsed = resolve_reduce_range(recipe, reduce_range)  # bad recipes fail before data is read
     if calib < 1 or qat_epochs < 0:
         raise ConfigError("--calib must be >= 1 and --qat-epochs >= 0")
     if read_meta(ckpt).get("kind", "float") != "float":
@@ -44,7 +46,8 @@ def quantize_cmd(
     metrics["twin_acc"] = accuracy(twin, ds.test)
     if parsed.act is not None and parsed.act.bits <= 8:
         metrics["integer_acc"] = accuracy(to_integer(twin), ds.test)
-    save_quantized(out, twin, meta, calib=calib, qat_epochs=qat_epochs, seed=seed, metrics=metrics)
+    save_quantized(out, twin, meta, calib=calib, qat_epochs=qat_epochs, seed=seed, metrics=metrics,
+                   reduce_range={"mode": reduce_range, "cpu": cpu_info().to_dict()})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
     typer.echo(f"{meta['model']['arch']} {parsed.text}: {shown} -> {out}")
 
@@ -58,18 +61,30 @@ def export_cmd(
     out: str = Out,
 ) -> None:
     """Export a quantized checkpoint as an ONNX model (int8 integer ops, or the fp32 graph)."""
-    from qrobust.integer.onnx import export_int8, float_model_proto
-    from qrobust.integer.program import lower
+    from qrobust.integer.int8 import u8s8_safe
+    from qrobust.integer.onnx import export_int8, float_model_proto, int8_kernels, weight_types
+    from qrobust.integer.program import ConvOp, LinearOp, lower
 
-    formats = {"onnx-int8": export_int8, "onnx-fp32": float_model_proto,
-               "onnx-int8-qoperator": lambda program: export_int8(program, "qoperator"),
-               "onnx-int8-rounded-add": lambda program: export_int8(program, "qdq-rounded-add")}
-    if fmt not in formats:
-        raise ConfigError(f"unknown export format '{fmt}'; valid: {', '.join(sorted(formats))}")
+    int8_formats = {"onnx-int8": "qdq", "onnx-int8-qoperator": "qoperator",
+                    "onnx-int8-rounded-add": "qdq-rounded-add"}
+    valid = sorted([*int8_formats, "onnx-fp32"])
+    if fmt not in valid:
+        raise ConfigError(f"unknown export format '{fmt}'; valid: {', '.join(valid)}")
     if read_meta(ckpt).get("kind") != "quantized":
         raise CheckpointError(f"{ckpt} is not a quantized checkpoint; run `qrobust quantize` first")
     twin, meta = load_checkpoint(ckpt)
-    proto = formats[fmt](lower(twin, tuple(meta["model"]["input_shape"])))
+    program = lower(twin, tuple(meta["model"]["input_shape"]))
+    note = ""
+    if fmt == "onnx-fp32":
+        proto = float_model_proto(program)
+    else:  # int8 weights where this CPU runs them exactly (or they cannot saturate anywhere)
+        proto = export_int8(program, int8_formats[fmt], int8_kernels().exact_u8s8)
+        layers = [op for op in program.ops if isinstance(op, (ConvOp, LinearOp))]
+        risky = sum(t == "int8" and not u8s8_safe(op.weight)
+                    for t, op in zip(weight_types(proto), layers, strict=True))
+        note = (f"; weights {', '.join(f'{weight_types(proto).count(t)} {t}' for t in ('int8', 'uint8'))}"
+                + (f" ({risky} int8 layers are exact only on CPUs with VNNI; quantize with "
+                   "--reduce-range on for a file exact on every x86 CPU)" if risky else ""))
     target = Path(out)
     atomic_write_bytes(target, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
-    typer.echo(f"{fmt}: {len(proto.graph.node)} nodes -> {target}")
+    typer.echo(f"{fmt}: {len(proto.graph.node)} nodes{note} -> {target}")

@@ -28,8 +28,17 @@ class IntegerModel(nn.Module):
     backend = "abstract"
     widened = False  # True when the input window is wider than [0, 255] (widen_input)
 
+    def __init__(self, twin: nn.Module | None = None) -> None:
+        super().__init__()
+        self.recipe: str | None = getattr(getattr(twin, "recipe", None), "text", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_pixels(pixel_codes(x, clip=False))
 
     def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def deployment(self) -> dict:
+        """What runs this model, for results and certificates: the backend, and for int8
+        runtimes the runtime version, the CPU and whether its int8 kernels are exact here."""
+        return {"backend": self.backend, "recipe": self.recipe}

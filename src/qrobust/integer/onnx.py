@@ -35,6 +35,8 @@ activation quantization) for speed comparisons.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,7 @@ from torch import nn
 
 from qrobust.errors import ConfigError
 from qrobust.integer.base import IntegerModel
+from qrobust.integer.int8 import Int8Kernels, kernels, u8s8_safe
 from qrobust.integer.program import (
     ConvOp,
     FlattenOp,
@@ -58,6 +61,8 @@ from qrobust.integer.program import (
     input_codes,
     lower,
 )
+
+log = logging.getLogger(__name__)
 
 OPSET = 17
 MS = "com.microsoft"
@@ -74,10 +79,26 @@ class _U8:
 
 
 class _Builder:
-    def __init__(self) -> None:
+    """Nodes and initializers of one graph. ``exact_u8s8``: the target's u8 x s8 kernels are
+    exact; if not, layers whose int16 pair sums could saturate get uint8 weights."""
+
+    def __init__(self, exact_u8s8: bool = True) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.count = 0
+        self.exact_u8s8 = exact_u8s8
+        self.weight_types: list[str] = []  # per conv / linear layer: 'int8' or 'uint8'
+
+    def weights(self, op: ConvOp | LinearOp, w8: np.ndarray, axis: int) -> tuple[np.ndarray,
+                                                                                   np.ndarray]:
+        """(stored weights, zero points along ``axis``): int8 with zero point 0, or uint8
+        ``w + 128`` with zero point 128 (u8 x u8 kernels: exact on every CPU)."""
+        channels = w8.shape[axis]
+        if self.exact_u8s8 or u8s8_safe(op.weight):
+            self.weight_types.append("int8")
+            return w8, np.zeros(channels, np.int8)
+        self.weight_types.append("uint8")
+        return (w8.astype(np.int16) + 128).astype(np.uint8), np.full(channels, 128, np.uint8)
 
     def const(self, value: np.ndarray, name: str) -> str:
         self.count += 1
@@ -162,13 +183,19 @@ def _out_repr(op: RequantOp) -> tuple[int, bool]:
 
 
 FORMATS = ("qdq", "qoperator", "qdq-rounded-add")
+WEIGHT_TYPES = "qrobust.weight_types"
 
 
-def build_int8_proto(program: Program, fmt: str = "qdq") -> onnx.ModelProto:
-    """The ONNX int8 model of ``program``: input 'pixels' uint8 (N, C, H, W) -> 'logits'."""
+def build_int8_proto(program: Program, fmt: str = "qdq",
+                     exact_u8s8: bool = True) -> onnx.ModelProto:
+    """The ONNX int8 model of ``program``: input 'pixels' uint8 (N, C, H, W) -> 'logits'.
+
+    ``exact_u8s8=False`` (a target CPU without VNNI, :mod:`qrobust.integer.int8`): layers whose
+    u8 x s8 pair sums could saturate int16 store uint8 weights (zero point 128) instead. The
+    model's metadata ``qrobust.weight_types`` lists the choice per layer."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown ONNX int8 format {fmt!r}; choose from {', '.join(FORMATS)}")
-    b = _Builder()
+    b = _Builder(exact_u8s8)
     slots: dict[str, _U8] = {}
     accs: dict[str, ConvOp | LinearOp | SumPoolOp] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -207,7 +234,14 @@ def build_int8_proto(program: Program, fmt: str = "qdq") -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid(MS, 1)])
     model.ir_version = 8
+    helper.set_model_props(model, {WEIGHT_TYPES: ",".join(b.weight_types)})
     return model
+
+
+def weight_types(proto: onnx.ModelProto) -> list[str]:
+    """Per conv / linear layer of a qrobust int8 export: 'int8' or 'uint8' weights."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    return props.get(WEIGHT_TYPES, "").split(",") if props.get(WEIGHT_TYPES) else []
 
 
 def _requant(b: _Builder, op: RequantOp, slots: dict[str, _U8], accs: dict, shapes,
@@ -252,17 +286,18 @@ def _requant(b: _Builder, op: RequantOp, slots: dict[str, _U8], accs: dict, shap
     w_scale, x_scale, x_zero = _f32(acc_scale / x.scale), _f32(x.scale), _u8_value(x_zp)
     attrs = dict(pads=pads, strides=list(getattr(src, "stride", (1, 1))),
                  kernel_shape=list(w8.shape[2:]))
-    zeros = np.zeros(o, dtype=np.int8)
+    w_stored, w_zero = b.weights(src, w8, axis=0)
     real = None
     if qdq:
-        weight = _dq(b, b.const(w8, "w"), w_scale, zeros, axis=0)
-        bias = _dq(b, b.const(bias, "b"), _f32(acc_scale), zeros.astype(np.int32), axis=0)
+        weight = _dq(b, b.const(w_stored, "w"), w_scale, w_zero, axis=0)
+        bias = _dq(b, b.const(bias, "b"), _f32(acc_scale), np.zeros(o, np.int32), axis=0)
         real = b.node("Conv", [_dq(b, name, x_scale, x_zero), weight, bias], "conv", **attrs)
         out = quantize(real)
     else:
         out = b.node("QLinearConv", [name, b.const(x_scale, "xs"), b.const(x_zero, "xz"),
-                                     b.const(w8, "w"), b.const(w_scale, "ws"), b.const(zeros, "wz"),
-                                     y_scale, y_zp, b.const(bias, "b")], "qconv", **attrs)
+                                     b.const(w_stored, "w"), b.const(w_scale, "ws"),
+                                     b.const(w_zero, "wz"), y_scale, y_zp, b.const(bias, "b")],
+                     "qconv", **attrs)
     if isinstance(src, LinearOp):
         out = b.node("Reshape", [out, b.const(np.array([-1, o]), "shape")], "as2d")
         real = None
@@ -301,15 +336,17 @@ def _output(b: _Builder, op: OutputOp, slots: dict[str, _U8], accs: dict, qdq: b
     x = slots[src.inp]
     name, x_zp, w8, bias, _ = _conv_inputs(b, x, src, None)
     w8 = np.ascontiguousarray(w8.T)
+    w_stored, w_zero = b.weights(src, w8, axis=1)
     if qdq:
         acc_scale = op.scale.numpy() * np.ones(w8.shape[1])
-        zeros = np.zeros(w8.shape[1], dtype=np.int8)
-        weight = _dq(b, b.const(w8, "wt"), _f32(acc_scale / x.scale), zeros, axis=1)
+        weight = _dq(b, b.const(w_stored, "wt"), _f32(acc_scale / x.scale), w_zero, axis=1)
         real = b.node("MatMul", [_dq(b, name, _f32(x.scale), _u8_value(x_zp)), weight], "matmul")
-        bias = _dq(b, b.const(bias, "b"), _f32(acc_scale), zeros.astype(np.int32), axis=0)
+        bias = _dq(b, b.const(bias, "b"), _f32(acc_scale), np.zeros(w8.shape[1], np.int32),
+                   axis=0)
         b.nodes.append(helper.make_node("Add", [real, bias], ["logits"]))
         return
-    acc = b.node("MatMulInteger", [name, b.const(w8, "wt"), b.const(_u8_value(x_zp), "az")], "mmi")
+    acc = b.node("MatMulInteger", [name, b.const(w_stored, "wt"), b.const(_u8_value(x_zp), "az"),
+                                   b.const(w_zero, "wz")], "mmi")
     acc = b.node("Add", [acc, b.const(bias, "b")], "bias")
     real = b.node("Cast", [acc], "cast", to=TensorProto.FLOAT)
     out = b.node("Mul", [real, b.const(_f32(op.scale.numpy()), "scale")], "dq")
@@ -405,18 +442,44 @@ def fused_op_types(proto: onnx.ModelProto) -> list[str]:
         return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
 
 
+@functools.cache
+def int8_kernels() -> Int8Kernels:
+    """ONNX Runtime's u8 x s8 kernels on this CPU (probed once per process)."""
+    import onnxruntime as ort
+
+    def run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+        return session(proto, threads=1).run(None, {"x": x})[0]
+
+    return kernels(f"onnxruntime {ort.__version__}", run)
+
+
 class OnnxIntegerModel(IntegerModel):
-    """ONNX Runtime int8 execution of a calibrated 8-bit twin (input shape fixed at export)."""
+    """ONNX Runtime int8 execution of a calibrated 8-bit twin (input shape fixed at export).
+
+    Weights are int8 (ORT's fast u8 x s8 kernels) where those are exact on this CPU or cannot
+    saturate for the layer; otherwise uint8 (u8 x u8 kernels, exact, about 0.7x the speed):
+    ``deployment()`` says which and why."""
 
     backend = "onnx"
 
     def __init__(self, twin: nn.Module, input_shape: tuple[int, int, int] | None = None,
                  threads: int | None = None, fmt: str = "qdq") -> None:
-        super().__init__()
+        super().__init__(twin)
         self.program = lower_for_export(twin, input_shape, "onnx")
         self.widened = self.program.input_op.step > 1
-        self.proto = export_int8(self.program, fmt)
+        self.kernels = int8_kernels()
+        self.proto = export_int8(self.program, fmt, self.kernels.exact_u8s8)
         self.session = session(self.proto, threads)
+        slow = weight_types(self.proto).count("uint8")
+        if slow:
+            log.warning("%s: u8 x s8 kernels saturate int16 pair sums on this CPU (%s); %d of %d "
+                        "layers run exact u8 x u8 kernels instead (slower). Quantize with a "
+                        "'reduce-range' recipe for the fast kernels.", self.kernels.runtime,
+                        self.kernels.cpu.describe(), slow, len(weight_types(self.proto)))
+
+    def deployment(self) -> dict:
+        return {**super().deployment(), **self.kernels.to_dict(),
+                "weight_types": weight_types(self.proto)}
 
     @torch.no_grad()
     def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:
@@ -434,8 +497,8 @@ def lower_for_export(twin: nn.Module, input_shape: tuple[int, int, int] | None,
     return lower(twin, tuple(shape))
 
 
-def export_int8(program: Program, fmt: str = "qdq") -> onnx.ModelProto:
-    """Build and check the int8 ONNX model of ``program`` (``fmt`` 'qdq' or 'qoperator')."""
-    proto = build_int8_proto(program, fmt)
+def export_int8(program: Program, fmt: str = "qdq", exact_u8s8: bool = True) -> onnx.ModelProto:
+    """Build and check the int8 ONNX model of ``program`` (:func:`build_int8_proto`)."""
+    proto = build_int8_proto(program, fmt, exact_u8s8)
     onnx.checker.check_model(proto)
     return proto

@@ -16,22 +16,32 @@ ORT: 8-bit activations, symmetric weights of at most 8 bits.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from qrobust.errors import ConfigError
 from qrobust.integer.base import IntegerModel
-from qrobust.integer.onnx import export_int8, lower_for_export
+from qrobust.integer.int8 import Int8Kernels, kernels
+from qrobust.integer.onnx import export_int8, lower_for_export, weight_types
 from qrobust.integer.program import input_codes
+
+
+def require_openvino():
+    """The openvino module, or a ConfigError that says how to install it (optional extra)."""
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise ConfigError("the openvino backend needs OpenVINO: pip install 'qrobust[openvino]'") from err
+    return ov
 
 
 def compile_onnx(proto: onnx.ModelProto, threads: int | None = None):
     """An OpenVINO CPU compiled model for ``proto``, float parts in float32 (not bf16)."""
-    try:
-        import openvino as ov
-    except ImportError as err:  # optional dependency
-        raise ConfigError("the openvino backend needs OpenVINO: pip install 'qrobust[openvino]'") from err
+    ov = require_openvino()
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
@@ -39,18 +49,49 @@ def compile_onnx(proto: onnx.ModelProto, threads: int | None = None):
     return core.compile_model(core.read_model(proto.SerializeToString(), b""), "CPU", config)
 
 
+@functools.cache
+def int8_kernels() -> Int8Kernels:
+    """OpenVINO's u8 x s8 convolution kernels on this CPU (probed once per process)."""
+    ov = require_openvino()
+
+    def run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+        compiled = compile_onnx(proto, threads=1)
+        return compiled({"x": x})[compiled.output(0)]
+
+    return kernels(f"openvino {ov.__version__}", run)
+
+
 class OpenVinoIntegerModel(IntegerModel):
-    """OpenVINO int8 execution of a calibrated 8-bit twin (input shape fixed at export)."""
+    """OpenVINO int8 execution of a calibrated 8-bit twin (input shape fixed at export).
+
+    OpenVINO has no exact integer kernel for weights whose u8 x s8 pair sums can saturate on a
+    CPU without VNNI (given uint8 weights it falls back to float convolutions): such a twin is
+    refused with the fix (a ``reduce-range`` recipe, or the onnx backend)."""
 
     backend = "openvino"
 
     def __init__(self, twin: nn.Module, input_shape: tuple[int, int, int] | None = None,
                  threads: int | None = None) -> None:
-        super().__init__()
+        super().__init__(twin)
+        require_openvino()
         self.program = lower_for_export(twin, input_shape, "openvino")
         self.widened = self.program.input_op.step > 1
-        self.proto = export_int8(self.program, "qdq-rounded-add")
+        self.kernels = int8_kernels()
+        self.proto = export_int8(self.program, "qdq-rounded-add", self.kernels.exact_u8s8)
+        unsafe = weight_types(self.proto).count("uint8")
+        if unsafe:
+            raise ConfigError(
+                f"{self.kernels.runtime} cannot run this model exactly on this CPU "
+                f"({self.kernels.cpu.describe()}): without VNNI its u8 x s8 kernels add product "
+                f"pairs in saturating int16, which {unsafe} of {len(weight_types(self.proto))} "
+                "layers' weights can overflow. Quantize with 7-bit "
+                "weights (recipe 'w8a8,reduce-range', or `qrobust quantize --reduce-range on`), or "
+                "use the onnx backend (exact u8 x u8 kernels)")
         self.compiled = compile_onnx(self.proto, threads)
+
+    def deployment(self) -> dict:
+        return {**super().deployment(), **self.kernels.to_dict(),
+                "weight_types": weight_types(self.proto)}
 
     @torch.no_grad()
     def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:

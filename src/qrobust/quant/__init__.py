@@ -12,12 +12,12 @@ from qrobust.quant.convert import QuantTwin, calibrate, quantize, set_generator,
 from qrobust.quant.functional import fake_quantize, round_ste, stochastic_round
 from qrobust.quant.modules import QuantAct, QuantConv2d, QuantInput, QuantLinear
 from qrobust.quant.observers import OBSERVERS, observe
-from qrobust.quant.spec import Override, QuantSpec, Recipe, parse_recipe
+from qrobust.quant.spec import Override, QuantSpec, Recipe, parse_recipe, resolve_reduce_range
 
 __all__ = [
     "OBSERVERS", "IntegerModel", "Override", "QuantAct", "QuantConv2d", "QuantInput",
     "QuantLinear", "QuantSpec", "QuantTwin", "Recipe", "calibrate", "fake_quantize", "functional", "observe",
-    "parse_recipe", "quantize", "round_ste", "save_quantized", "set_generator",
+    "parse_recipe", "quantize", "resolve_reduce_range", "round_ste", "save_quantized", "set_generator",
     "stochastic_round",
     "to_integer", "widen_input",
 ]

@@ -12,6 +12,9 @@ as short strings, parsed by :func:`parse_recipe`::
     w2a2,obs=mse              observer for weights and activations (``wobs=``, ``aobs=``)
     w4a4,relu6                ReLU6-style clipped activations in [0, 6] (Defensive Quantization)
     w4a8,asym / stochastic / clip=1.0 / bias
+    w8a8,reduce-range         8-bit weights kept to 7-bit codes [-63, 63] (ONNX Runtime's
+                              reduce_range): exact on u8 x s8 int8 kernels of every x86 CPU,
+                              also those without VNNI (qrobust.hardware)
     gorsline4                 Gorsline et al. (arXiv 2105.00227): weights and biases clipped to
                               [-1, 1] and rounded to 4 bits, per-tensor, activations in float
 """
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from qrobust.errors import ConfigError
+from qrobust.hardware import cpu_info
 
 Granularity = Literal["tensor", "channel"]
 Rounding = Literal["nearest", "stochastic"]
@@ -218,7 +222,7 @@ def parse_recipe(text: str | Recipe) -> Recipe:
         weight = _weight(_bits(m.group(1), text)) if m.group(1) else None
         act = _act(_bits(m.group(2), text)) if m.group(2) else None
     overrides: list[tuple[str, int | None, int | None]] = []
-    bias = False
+    bias = reduce = False
     for opt in options:
         key, _, value = opt.partition("=")
         if opt in ("pt", "per-tensor", "pc", "per-channel"):
@@ -234,6 +238,8 @@ def parse_recipe(text: str | Recipe) -> Recipe:
             act = act and replace(act, clip=6.0)
         elif opt == "bias":
             bias = True
+        elif opt == REDUCE_RANGE:
+            reduce = True
         elif key in ("obs", "wobs", "aobs") and value:
             if value not in ("minmax", "percentile", "mse"):
                 raise ConfigError(f"recipe {text!r}: unknown observer {value!r}; valid: "
@@ -256,7 +262,8 @@ def parse_recipe(text: str | Recipe) -> Recipe:
             overrides.append((key, wb, ab))
         else:
             raise ConfigError(f"recipe {text!r}: unknown option {opt!r}; valid: pt, pc, asym, "
-                              "stochastic, relu6, bias, obs=, wobs=, aobs=, clip=, aclip=, "
+                              "stochastic, relu6, bias, reduce-range, obs=, wobs=, aobs=, "
+                              "clip=, aclip=, "
                               "<layer>=wNaM (layer: first, last or a module name)")
     resolved = tuple(
         Override(layer,
@@ -267,4 +274,34 @@ def parse_recipe(text: str | Recipe) -> Recipe:
                  replace(act, bits=ab, observer=_default_observer(ab)
                          if act.observer == _default_observer(act.bits) else act.observer))
         for layer, wb, ab in overrides)
+    if reduce:
+        weight = _reduced(weight)
+        resolved = tuple(replace(o, weight=_reduced(o.weight)) for o in resolved)
     return Recipe(weight, act, resolved, bias, text)
+
+
+REDUCE_RANGE = "reduce-range"
+REDUCE_RANGE_MODES = ("auto", "on", "off")
+
+
+def _reduced(spec: QuantSpec | None) -> QuantSpec | None:
+    """8-bit weights -> 7-bit codes (|w| <= 63: no two u8 x s8 products exceed int16)."""
+    return replace(spec, bits=7) if spec is not None and spec.bits == 8 else spec
+
+
+def resolve_reduce_range(recipe: str | Recipe, mode: str = "auto",
+                         saturating_cpu: bool | None = None) -> Recipe:
+    """``recipe`` with ``reduce-range`` added when ``mode`` is 'on', or 'auto' and this CPU's
+    u8 x s8 kernels saturate (x86 without VNNI; ``saturating_cpu`` overrides the check) and the
+    recipe has 8-bit weights to reduce. 'off' returns it unchanged."""
+    parsed = parse_recipe(recipe)
+    if mode not in REDUCE_RANGE_MODES:
+        raise ConfigError(f"unknown reduce-range mode {mode!r}; valid: {', '.join(REDUCE_RANGE_MODES)}")
+    if saturating_cpu is None:
+        saturating_cpu = cpu_info().u8s8_pairs_saturate
+    eight_bit = [w for w in (parsed.weight, *(o.weight for o in parsed.overrides))
+                 if w is not None and w.bits == 8]
+    wanted = mode == "on" or (mode == "auto" and saturating_cpu)
+    if not wanted or not eight_bit or parsed.act is None:
+        return parsed
+    return parse_recipe(f"{parsed.text},{REDUCE_RANGE}")
