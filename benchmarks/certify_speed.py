@@ -81,10 +81,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--alpha", type=float, default=0.001)
-    parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--limit", type=int, default=50, help="a seeded choice of N test images")
+    parser.add_argument("--first", type=int, default=None,
+                        help="test images 0..N-1 in order instead of --limit's seeded choice")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--recipe", default="w8a8")
+    parser.add_argument("--reduce-range", default="auto", choices=("auto", "on", "off"),
+                        help="7-bit weight codes where this CPU's int8 kernels saturate (as the CLI)")
     parser.add_argument("--backend", default="onnx")
+    parser.add_argument("--extra-backends", default="",
+                        help="comma-separated integer backends also run (method ours_integer_<name>)")
     parser.add_argument("--noise", default="rounded-gaussian",
                         help="integer noise: rounded-gaussian or discrete-gaussian (IntRS)")
     parser.add_argument("--integer-input", choices=("wide", "clipped"), default="wide",
@@ -103,24 +109,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/certify_speed.json")
     args = parser.parse_args(argv)
 
-    from qrobust.certify import GaussianNoise, Smoothed, integer_noise
+    from qrobust.certify import GaussianNoise, Smoothed
+    from qrobust.certify.build import describe, image_generator, noisy_classifier
     from qrobust.checkpoint import load_checkpoint
-    from qrobust.cli.certify_cmds import image_generator, select_indices
+    from qrobust.cli.certify_cmds import select_indices
     from qrobust.data import load_dataset, take
-    from qrobust.quant import quantize
+    from qrobust.hardware import cpu_info
 
     torch.set_num_threads(args.threads)
     model, meta = load_checkpoint(args.ckpt)
     ds = load_dataset(meta["dataset"], args.data_dir)
-    twin = quantize(model, args.recipe, calib=take(ds.train, 512, seed=1).tensors()[0])
-    options = {"input_shape": ds.input_shape,
-               **({"threads": args.threads} if args.backend in ("onnx", "openvino") else {})}
+    calib = take(ds.train, 512, seed=1).tensors()[0]
     x_all, y_all = ds.test.tensors()
-    idx = select_indices(len(y_all), args.limit)
+    idx = (np.arange(min(args.first, len(y_all))) if args.first is not None
+           else select_indices(len(y_all), args.limit))
     k = ds.num_classes
+
+    def integer(backend):  # exactly what `qrobust certify --integer` builds
+        options = {"threads": args.threads} if backend in ("onnx", "openvino") else {}
+        return noisy_classifier(model, sigma=args.sigma, integer=True, noise=args.noise,
+                                quantized=meta.get("kind") == "quantized", recipe=args.recipe,
+                                reduce_range=args.reduce_range, calib=calib, backend=backend,
+                                integer_input=args.integer_input, input_shape=ds.input_shape,
+                                **options)
+
+    noisy_i = integer(args.backend)
     ours_f = Smoothed(GaussianNoise(model, args.sigma), k, batch_size=args.batch_size)
-    ours_i = Smoothed(integer_noise(twin, args.sigma, args.noise, args.integer_input == "wide",
-                                    args.backend, **options), k, batch_size=args.batch_size)
+    ours_i = Smoothed(noisy_i, k, batch_size=args.batch_size)
+    extra = [b for b in args.extra_backends.split(",") if b]
+    deployments = {"ours_integer": describe(noisy_i)}
 
     def run_ours(sm):
         def go(x, g):
@@ -142,37 +159,65 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown --methods {sorted(unknown)}; choose from {sorted(methods)}")
     methods = {name: fn for name, fn in methods.items() if name in keep}
+    for backend in extra:
+        noisy = integer(backend)
+        deployments[f"ours_integer_{backend}"] = describe(noisy)
+        methods[f"ours_integer_{backend}"] = run_ours(Smoothed(noisy, k, batch_size=args.batch_size))
     if args.twin:
+        from qrobust.quant import quantize, resolve_reduce_range
+
+        twin = quantize(model, resolve_reduce_range(args.recipe, args.reduce_range), calib)
         methods["ours_float_twin"] = run_ours(Smoothed(GaussianNoise(twin, args.sigma), k,
                                                        batch_size=args.batch_size))
     # warm-up (ONNX session, allocator) outside the timings
     for fn in methods.values():
         fn(x_all[:1], torch.Generator().manual_seed(0))
     times = {m: [] for m in methods}
+    cpu_times = {m: [] for m in methods}
     results = {m: [] for m in methods}
     eta = ours_i.noisy.eta(tuple(ds.input_shape))
+    machine = {"cpu": cpu_info().to_dict(), "deployments": deployments}
     out: dict = {}
     for i in tqdm(idx.tolist(), desc="certify", unit="img"):
         x = x_all[i:i + 1]
         for name, fn in methods.items():
             g = image_generator(args.seed, i)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             results[name].append(fn(x, g))
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
         # rewritten after every image: a stopped run keeps what it certified
-        out = summarize(args, argv, meta, ds.name, eta, idx, y_all, times, results)
+        out = summarize(args, argv, meta, ds.name, eta, idx, y_all, times, cpu_times, results,
+                        machine)
     return out
 
 
-def summarize(args, argv, meta, dataset, eta, idx, y_all, times, results) -> dict:
+def radius_differences(results, labels, method: str, base: str) -> dict:
+    """(method radius - base radius) per image, counting an abstention or a wrong label as
+    radius 0 (what certified accuracy sees): mean, quantiles, and how many differ by > 0.05."""
+    def r(c, rad, y):
+        return rad if c == y else 0.0
+    d = np.array([r(*a, y) - r(*b, y) for a, b, y in zip(results[method], results[base], labels,
+                                                          strict=True)])
+    q = np.quantile(d, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+            "quantiles_0_10_25_50_75_90_100": [float(v) for v in q],
+            "more_than_0.05_smaller": int((d < -0.05).sum()),
+            "more_than_0.05_larger": int((d > 0.05).sum())}
+
+
+def summarize(args, argv, meta, dataset, eta, idx, y_all, times, cpu_times, results,
+              machine) -> dict:
     """The JSON of the images certified so far (written to ``args.out``)."""
     done = len(next(iter(times.values())))
     labels = y_all[idx[:done]].tolist()
     report = {}
     for name in times:
         total = sum(times[name])
-        report[name] = {"seconds": total, "images_per_s": done / total,
+        report[name] = {"seconds": total, "cpu_seconds": sum(cpu_times[name]),
+                        "images_per_s": done / total,
                         "median_s_per_image": statistics.median(times[name]),
+                        "median_cpu_s_per_image": statistics.median(cpu_times[name]),
                         "certified_accuracy": certified(results[name], labels),
                         "abstain_rate": sum(c is None for c, _ in results[name]) / done}
     ratio = {}
@@ -183,6 +228,9 @@ def summarize(args, argv, meta, dataset, eta, idx, y_all, times, results) -> dic
             "speedup_of_medians": report[base]["median_s_per_image"]
             / report["ours_integer"]["median_s_per_image"],
             "speedup_of_totals": report[base]["seconds"] / report["ours_integer"]["seconds"],
+            "speedup_of_cpu_seconds": report[base]["cpu_seconds"]
+            / report["ours_integer"]["cpu_seconds"],
+            "radius_difference": radius_differences(results, labels, "ours_integer", base),
             "certified_accuracy_diff_points": {
                 r: 100 * (report["ours_integer"]["certified_accuracy"][r]
                           - report[base]["certified_accuracy"][r])
@@ -193,7 +241,8 @@ def summarize(args, argv, meta, dataset, eta, idx, y_all, times, results) -> dic
            "ckpt": args.ckpt, "dataset": dataset, "arch": meta["model"]["arch"],
            "images": done, "images_planned": len(idx), "sigma": args.sigma, "n0": args.n0,
            "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
-           "threads": args.threads, "recipe": args.recipe, "backend": args.backend,
+           "threads": args.threads, "recipe": args.recipe, "reduce_range": args.reduce_range,
+           "backend": args.backend, "indices": "first" if args.first is not None else "seeded",
            "integer_noise": args.noise, "integer_input": args.integer_input,
            "integer_radius_eta": eta, "methods": report,
            "ratios": ratio,
@@ -202,7 +251,7 @@ def summarize(args, argv, meta, dataset, eta, idx, y_all, times, results) -> dic
                for name in results}} for j, (i, y) in enumerate(zip(idx[:done].tolist(), labels,
                                                                    strict=True))],
            "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                       "cpu_count": torch.get_num_threads()},
+                       "threads": torch.get_num_threads(), **machine},
            "note": "times include noise generation and the n0 pass; methods interleaved per "
                    "image on a shared machine"}
     path = Path(args.out)

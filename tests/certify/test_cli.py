@@ -9,6 +9,8 @@ import pytest
 from qrobust.checkpoint import save_checkpoint
 from qrobust.cli import main
 from qrobust.eval.store import ResultStore
+from qrobust.hardware import cpu_info
+from qrobust.quant import resolve_reduce_range
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,13 @@ def test_certify_integer_only(ckpt, tmp_path, capsys, integer_input):
     with ResultStore(out / "results.sqlite") as store:
         rows = store.rows("certify")
     assert len(rows) == 3
-    assert all(r["config"]["integer"] and r["config"]["recipe"] == "w8a8"
+    # reduce-range auto: 7-bit weight codes where this CPU's int8 kernels would saturate
+    recipe = resolve_reduce_range("w8a8", "auto").text
+    assert all(r["config"]["integer"] and r["config"]["recipe"] == recipe
                and r["config"]["integer_input"] == integer_input for r in rows)
+    holds_for = json.loads((out / "summary.json").read_text())["holds_for"]
+    assert holds_for["backend"] == "onnx" and holds_for["recipe"] == recipe
+    assert holds_for["cpu"] == cpu_info().to_dict() and holds_for["u8s8_exact"] in (True, False)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -74,7 +81,7 @@ def test_certify_integer_only(ckpt, tmp_path, capsys, integer_input):
     (["--integer", "--noise", "laplace"], "unknown integer noise"),
     (["--device", "gpu"], "not a torch device"),
     (["--integer", "--device", "cuda"], "--device applies to float smoothing"),
-    (["--integer", "--integer-input", "huge"], "unknown --integer-input"),
+    (["--integer", "--integer-input", "huge"], "unknown integer input 'huge'"),
 ])
 def test_bad_arguments_give_one_line_errors(ckpt, tmp_path, capsys, args, message):
     assert _run(ckpt, tmp_path / "bad", "--limit", "1", *args) == 2

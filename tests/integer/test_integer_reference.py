@@ -13,7 +13,7 @@ from qrobust.errors import ConfigError
 from qrobust.integer.agreement import contract, prediction_agreement
 from qrobust.integer.base import pixel_codes
 from qrobust.integer.program import RequantOp, Term, fixed_point, input_codes
-from qrobust.integer.reference import int_conv2d, int_matmul, requantize
+from qrobust.integer.reference import exact_dtype, int_conv2d, int_matmul, requantize
 from qrobust.quant import QuantInput, quantize, to_integer, widen_input
 
 CODE_MISMATCH_TOLERANCE = 1e-3  # share of codes allowed to differ (each by at most 1 LSB)
@@ -29,17 +29,37 @@ def test_int_matmul_is_exact(m, k, n, a_range, b_range, seed):
     b = torch.randint(b_range[0], b_range[1] + 1, (k, n), generator=g)
     out = int_matmul(a, b)
     assert out.dtype == torch.int64
-    assert torch.equal(out, a @ b)
+    assert torch.equal(out, a @ b)  # int64 matmul: no BLAS, no rounding
+
+
+def int64_conv2d(x, w, stride, padding):
+    """Oracle: zero-pad, take every window, multiply-add in int64."""
+    kh, kw = w.shape[2:]
+    cols = F.pad(x, (padding, padding, padding, padding)).unfold(2, kh, stride).unfold(3, kw, stride)
+    return torch.einsum("nchwkl,ockl->nohw", cols, w)
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0), (2, 0)])
-def test_int_conv2d_matches_float64_conv(stride, padding):
+@pytest.mark.parametrize("x_range", [(0, 255), (-255, 255), (-2000, 2000)])
+def test_int_conv2d_is_exact(stride, padding, x_range):
     g = torch.Generator().manual_seed(stride * 10 + padding)
-    x = torch.randint(0, 256, (3, 5, 9, 7), generator=g)
-    w = torch.randint(-127, 128, (4, 5, 3, 3), generator=g)
-    expected = F.conv2d(x.double(), w.double(), stride=stride, padding=padding)
-    assert torch.equal(int_conv2d(x, w, (stride, stride), (padding, padding)),
-                       expected.round().long())
+    x = torch.randint(x_range[0], x_range[1] + 1, (16, 64, 9, 7), generator=g)
+    w = torch.randint(-127, 128, (8, 64, 3, 3), generator=g)
+    got = int_conv2d(x, w, (stride, stride), (padding, padding))
+    assert got.dtype == torch.int64
+    assert torch.equal(got, int64_conv2d(x, w, stride, padding))
+
+
+def test_exact_dtype_follows_the_bound_and_refuses_reduced_float32():
+    assert exact_dtype(2**24) == torch.float32 and exact_dtype(2**24 + 1) == torch.float64
+    with pytest.raises(ConfigError, match="too wide"):
+        exact_dtype(2**53 + 1)
+    old = torch.backends.mkldnn.conv.fp32_precision
+    try:
+        torch.backends.mkldnn.conv.fp32_precision = "tf32"  # a user's speed setting
+        assert exact_dtype(100) == torch.float64
+    finally:
+        torch.backends.mkldnn.conv.fp32_precision = old
 
 
 @settings(max_examples=60, deadline=None)

@@ -20,7 +20,7 @@ import typer
 from tqdm.auto import tqdm
 
 from qrobust.cli import app
-from qrobust.cli.common import DataDir, NoVerify, Out, ckpt_option
+from qrobust.cli.common import DataDir, NoVerify, Out, ReduceRange, ckpt_option
 from qrobust.errors import ConfigError
 
 TABLE = "certify"
@@ -41,39 +41,6 @@ def select_indices(n_test: int, limit: int | None) -> np.ndarray:
     if limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     return np.sort(np.random.default_rng(0).permutation(n_test)[:limit])
-
-
-def image_generator(seed: int, index: int, device: str = "cpu") -> torch.Generator:
-    """The noise generator of one image: independent of which other images run with it."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(index))
-
-
-INTEGER_INPUTS = ("wide", "clipped")
-
-
-def build_noisy(model, meta: dict, *, sigma: float, integer: bool, noise: str, recipe: str,
-                backend: str, calib: torch.Tensor, input_shape: tuple[int, int, int],
-                integer_input: str = "wide"):
-    """The NoisyClassifier of a loaded checkpoint: float Gaussian smoothing of the model, or
-    integer-only smoothing of its IntegerModel (quantizing float checkpoints with ``recipe``,
-    calibrated on ``calib``), whose input is the unclipped noisy image (``wide``, as in float
-    smoothing) or the noisy codes clipped to [0, 255] (``clipped``)."""
-    from qrobust.certify import GaussianNoise, integer_noise
-
-    if not integer:
-        if noise != "gaussian":
-            raise ConfigError(f"--noise {noise} needs --integer; float smoothing uses gaussian")
-        return GaussianNoise(model, sigma)
-    if noise == "gaussian":
-        noise = "rounded-gaussian"  # eta ~ 0: Cohen's radius exactly (docs/intrs_radius.md)
-    from qrobust.quant import quantize
-
-    if integer_input not in INTEGER_INPUTS:
-        raise ConfigError(f"unknown --integer-input {integer_input!r}; valid: "
-                          f"{', '.join(INTEGER_INPUTS)}")
-    twin = model if meta.get("kind") == "quantized" else quantize(model, recipe, calib=calib)
-    return integer_noise(twin, sigma, noise, wide=integer_input == "wide", backend=backend,
-                         input_shape=input_shape)
 
 
 def summarize(rows: list[dict], radii=(0.0, 0.25, 0.5, 0.75, 1.0)) -> dict:
@@ -104,6 +71,7 @@ def certify_cmd(
                               "rounded-gaussian (default) or discrete-gaussian (IntRS)."),
     recipe: str = typer.Option("w8a8", "--recipe", help="Quantization recipe for --integer "
                                "with a float checkpoint."),
+    reduce_range: str = ReduceRange,
     backend: str = typer.Option("onnx", "--backend", help="Integer backend: onnx, reference or openvino."),
     integer_input: str = typer.Option("wide", "--integer-input", help="With --integer: 'wide' "
                                       "(the model sees the unclipped noisy image, as float "
@@ -117,6 +85,7 @@ def certify_cmd(
 ) -> None:
     """Certify test images with randomized smoothing (Cohen et al.; IntRS with --integer)."""
     from qrobust.certify import Smoothed
+    from qrobust.certify.build import describe, image_generator, noisy_classifier
     from qrobust.certify.stats import clopper_pearson_lower
     from qrobust.checkpoint import load_checkpoint, weights_path
     from qrobust.data import load_dataset, take
@@ -138,14 +107,18 @@ def certify_cmd(
     model = model.to(device)
     ds = load_dataset(meta["dataset"], data_dir, verify=not no_verify)
     calib = take(ds.train, 512, seed=1).tensors()[0] if integer else None
-    noisy = build_noisy(model, meta, sigma=sigma, integer=integer, noise=noise, recipe=recipe,
-                        backend=backend, calib=calib, input_shape=ds.input_shape,
-                        integer_input=integer_input)
+    quantized = meta.get("kind") == "quantized"
+    noisy = noisy_classifier(model, sigma=sigma, integer=integer, noise=noise,
+                             quantized=quantized, recipe=recipe, reduce_range=reduce_range,
+                             calib=calib, backend=backend, integer_input=integer_input,
+                             input_shape=ds.input_shape)
     smoothed = Smoothed(noisy, ds.num_classes, batch_size=batch_size)
+    holds_for = describe(noisy)
     base_cfg = {"weights_sha256": file_sha256(weights_path(ckpt)), "dataset": ds.name,
                 "split": "test", "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
-                "integer": integer, "noise": getattr(noisy, "kind", "gaussian"),
-                "recipe": recipe if integer and meta.get("kind") != "quantized" else None,
+                "integer": integer, "noise": holds_for["noise"],
+                # the resolved recipe (reduce-range may depend on the CPU), not the option
+                "recipe": holds_for.get("recipe") if integer and not quantized else None,
                 "backend": backend if integer else None, "seed": seed,
                 "device": torch.device(device).type,
                 **({"integer_input": integer_input} if integer else {})}
@@ -169,7 +142,8 @@ def certify_cmd(
                 store.put(key, TABLE, cfg, metrics, seed=seed)
                 row = store.get(key)
             rows.append(row)
-    summary = {"config": base_cfg, "ckpt": str(ckpt), **summarize(rows)}
+    summary = {"config": base_cfg, "ckpt": str(ckpt), "holds_for": holds_for,
+               **summarize(rows)}
     from qrobust.checkpoint import atomic_write_bytes
 
     text = json.dumps(summary, indent=2, sort_keys=True)
