@@ -1,9 +1,13 @@
 import gzip
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
+import qrobust
 from qrobust.cli import main
+from qrobust.hardware import cpu_info
 
 
 def test_train_then_eval(tmp_path, capsys):
@@ -20,6 +24,33 @@ def test_datasets_lists_every_dataset(capsys):
     text = capsys.readouterr().out
     for name in ("digits", "mnist", "fashion-mnist", "cifar10", "svhn"):
         assert name in text
+
+
+def test_version_and_doctor(capsys, monkeypatch):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"qrobust {qrobust.__version__}"
+    assert main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    assert cpu_info().describe() in text and "onnxruntime" in text and "digits" in text
+    for name in ("reference", "onnx", "openvino", "ray"):
+        assert f"  {name} " in text
+    # an optional part that is not installed is named with how to get it
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert main(["doctor"]) == 0
+    assert "openvino      missing  -> pip install 'qrobust[openvino]'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bars_on_a_terminal_and_off_with_q(tmp_path, capsys, monkeypatch, quiet):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as if run in a terminal
+    args = ["-q"] * quiet + ["train", "--model", "mlp", "--data", "digits", "--epochs", "1",
+                             "--out", str(tmp_path / "m")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert ("train epoch 1/1" in err) == (not quiet)
+    assert ("test accuracy" in err) == (not quiet)
 
 
 def one_line_error(capsys) -> str:

@@ -139,7 +139,7 @@ def test_report_shows_only_the_latest_plan(tiny_study, tmp_path):
     run_study(parse_study(tiny_study(recipes=["fp32"])), tmp_path, progress=False)
     changed = parse_study(tiny_study(recipes=["fp32"], attacks=[{"name": "fgsm", "eps": [0]}]))
     run_study(changed, tmp_path, progress=False)
-    rows, study = load_rows(tmp_path / "results.sqlite")
+    rows, study, _ = load_rows(tmp_path / "results.sqlite")
     with ResultStore(tmp_path / "results.sqlite") as store:
         assert len(store) == 4  # nothing is deleted ...
     assert [r["key"] for r in rows] == [c.key for c in plan(changed)]  # ... but only 1 shown

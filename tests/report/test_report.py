@@ -104,3 +104,40 @@ def test_bad_format(tmp_path, capsys, fmt):
     synthetic_store(tmp_path / "results.sqlite")
     assert main(["results", str(tmp_path), "--format", fmt]) == 2
     assert "--format must be csv or json" in capsys.readouterr().err
+
+
+def test_unfinished_study_says_how_many_cells_are_missing(tmp_path):
+    study = synthetic_store(tmp_path / "results.sqlite")
+    keys = [c.key for c in plan(study)]
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        store.set_meta("plan", keys + ["not-run-1", "not-run-2", "not-run-3"])
+    paths = write_report(tmp_path / "results.sqlite", tmp_path / "report")
+    banner = f"Unfinished study: 3 of {len(keys) + 3} planned cells have no result"
+    assert banner in paths["html"].read_text() and banner in paths["md"].read_text()
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        store.set_meta("plan", keys)  # complete: no banner
+    paths = write_report(tmp_path / "results.sqlite", tmp_path / "report")
+    assert "Unfinished" not in paths["html"].read_text()
+
+
+def test_long_defense_names_never_make_panel_titles_overlap(monkeypatch):
+    from qrobust.report import plots
+    from qrobust.report.tables import Record
+
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"")
+    recs = [Record("small-cnn", recipe, defense, attack, "linf", eps, bits, 100, [0],
+                   {"robust_acc": 0.5}, {"robust_acc": None})
+            for defense in ("none", "mc-dropout(passes=2,rate=0.2)")
+            for attack in ("fgsm", "pgd") for recipe, bits in (("fp32", 32), ("w4a4", 4))
+            for eps in (0.0, 0.1)]
+    plots.accuracy_vs_eps(recs, "small-cnn")
+    plots.heatmap(recs, "small-cnn", "mc-dropout(passes=2,rate=0.2)", "pgd")
+    for fig in figures:
+        fig.tight_layout()
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+        assert boxes and all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert all(b.x0 >= 0 and b.x1 <= fig.bbox.x1 for b in boxes)  # and inside the figure
+    assert "\n" in figures[0].axes[2].get_title()  # the long one was wrapped

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from qrobust.attacks import checks as chk
 from qrobust.attacks.base import Attack
 from qrobust.attacks.gradients import Temperature
+from qrobust.progress import bar as progress_bar
 
 DEFAULT_CHECKS = ("gradients", "randomness", "blackbox", "temperature")
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -32,12 +32,12 @@ def predict(model: Model, x: torch.Tensor, batch_size: int = 256) -> torch.Tenso
 
 def _attack_points(attack: Attack, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
                    batch_size: int, generator: torch.Generator | None,
-                   progress: bool) -> tuple[torch.Tensor, dict]:
+                   progress: bool | None) -> tuple[torch.Tensor, dict]:
     """Adversarial examples for the points ``idx`` (others unchanged) and summed grad stats."""
     x_adv = x.clone()
     evals = zeros = smalls = 0.0
     chunks = list(idx.split(batch_size))
-    for part in tqdm(chunks, desc=attack.name, disable=not progress, leave=False):
+    for part in progress_bar(chunks, desc=attack.name, unit="batch", progress=progress):
         res = attack.run(x[part], y[part], generator)
         x_adv[part] = res.x_adv
         n = res.stats["grad_evals"]
@@ -54,7 +54,7 @@ def _attack_points(attack: Attack, x: torch.Tensor, y: torch.Tensor, idx: torch.
 def evaluate_robustness(model: Model, attack: Attack, x: torch.Tensor, y: torch.Tensor, *,
                         batch_size: int = 256, generator: torch.Generator | None = None,
                         checks: Sequence[str] = DEFAULT_CHECKS, blackbox_queries: int = 300,
-                        return_adv: bool = False, progress: bool = False) -> dict:
+                        return_adv: bool = False, progress: bool | None = None) -> dict:
     """Metrics of ``attack`` against ``model`` on x (N, C, H, W) in [0, 1], y (N,).
 
     Returns a dict: n, clean_acc, robust_acc (attack only), robust_acc_worst (after the

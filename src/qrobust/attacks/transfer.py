@@ -19,7 +19,7 @@ DISAGREEMENT_THRESHOLD = 0.01
 def transfer_to_integer(twin: Any, attack: Attack, x: torch.Tensor, y: torch.Tensor, *,
                         integer: Any | None = None, backend: str = "reference",
                         batch_size: int = 256, generator: torch.Generator | None = None,
-                        progress: bool = False) -> dict:
+                        progress: bool | None = None) -> dict:
     """Attack ``twin`` on the points it classifies correctly and evaluate the adversarial
     examples on the integer model (built with ``to_integer(twin, backend)`` if not given).
 
@@ -65,7 +65,7 @@ def transfer_to_integer(twin: Any, attack: Attack, x: torch.Tensor, y: torch.Ten
 
 def attack_integer_model(integer: Any, threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, *,
                          queries: int = 1000, batch_size: int = 256,
-                         generator: torch.Generator | None = None, progress: bool = False) -> dict:
+                         generator: torch.Generator | None = None, progress: bool | None = None) -> dict:
     """The square attack (scores only) straight on the integer model; ``evaluate_robustness``
     metrics with the randomness check."""
     from qrobust.attacks.gradients import Autograd

@@ -23,11 +23,11 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from qrobust.certify import stats
 from qrobust.certify.noise import gaussian
 from qrobust.errors import ConfigError
+from qrobust.progress import bar as progress_bar
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -98,7 +98,7 @@ class Smoothed:
     """
 
     def __init__(self, noisy: NoisyClassifier, num_classes: int, batch_size: int = 1000,
-                 progress: bool = False) -> None:
+                 progress: bool | None = None) -> None:
         if num_classes < 2 or batch_size < 1:
             raise ConfigError(f"need num_classes >= 2 and batch_size >= 1, got {num_classes}, "
                               f"{batch_size}")
@@ -114,8 +114,7 @@ class Smoothed:
         per_image = max(1, self.batch_size // max(b, 1))
         image_chunk = max(1, min(b, self.batch_size))
         done = 0
-        with tqdm(total=n * b, desc="noise samples", leave=False,
-                  disable=not self.progress) as bar:
+        with progress_bar(total=n * b, desc="noise samples", progress=self.progress) as bar:
             while done < n:  # one loop over noise draws; images of a chunk share the pass
                 reps = min(per_image, n - done)
                 for start in range(0, b, image_chunk):

@@ -11,7 +11,7 @@ import torch
 import typer
 
 from qrobust.cli import app
-from qrobust.cli.common import DataDir, NoVerify, ckpt_option
+from qrobust.cli.common import DataDir, NoVerify, ckpt_option, cli_progress
 from qrobust.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -114,20 +114,21 @@ def attack_cmd(
     result: dict = {"ckpt": ckpt, "dataset": ds.name, "seed": seed, "defenses": list(defense),
                     "quantized": quantized,
                     **evaluate_robustness(target, atk, x, y, batch_size=batch_size, generator=gen,
-                                          checks=check_list)}
+                                          checks=check_list, progress=cli_progress())}
     if quantized and integer:
         if defense:
             log.warning("defenses are not applied to the integer model; transfer runs undefended")
         twin_estimator = build_estimator(estimator, model, eot)
         atk_twin = cls(model, threat, **{**kwargs, "estimator": twin_estimator})
         result["integer_transfer"] = transfer_to_integer(model, atk_twin, x, y, backend=backend,
-                                                         batch_size=batch_size, generator=gen)
+                                                         batch_size=batch_size, generator=gen,
+                                                         progress=cli_progress())
         if norm == "linf":
             from qrobust.quant import to_integer
 
             result["integer_square"] = attack_integer_model(
                 to_integer(model, backend), threat, x, y, queries=queries, batch_size=batch_size,
-                generator=gen)
+                generator=gen, progress=cli_progress())
     if as_json:
         typer.echo(json.dumps(result, default=str))
         return

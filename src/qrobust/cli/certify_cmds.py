@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
-from tqdm.auto import tqdm
 
 from qrobust.cli import app
-from qrobust.cli.common import DataDir, NoVerify, Out, ReduceRange, ckpt_option
+from qrobust.cli.common import DataDir, NoVerify, Out, ReduceRange, ckpt_option, cli_progress
 from qrobust.errors import ConfigError
+from qrobust.progress import bar as progress_bar
 
 TABLE = "certify"
 
@@ -127,7 +127,8 @@ def certify_cmd(
     out_dir = Path(out)
     rows = []
     with ResultStore(out_dir / "results.sqlite") as store:
-        for index in tqdm(indices.tolist(), desc="certify", unit="image"):
+        for index in progress_bar(indices.tolist(), desc="certify", unit="image",
+                                  progress=cli_progress(), leave=True):
             cfg = {**base_cfg, "index": index}
             key = cell_key(cfg)
             row = store.get(key)

@@ -11,6 +11,18 @@ Download = typer.Option(False, "--download", help="Download missing files (needs
 NoVerify = typer.Option(False, "--no-verify", help="Skip checksum checks (your own copies).")
 Out = typer.Option(..., "--out", help="Output directory.")
 
+_PROGRESS: list[bool | None] = [None]  # set per invocation by `qrobust -q`
+
+
+def set_quiet(quiet: bool) -> None:
+    _PROGRESS[0] = False if quiet else None
+
+
+def cli_progress(disabled: bool = False) -> bool | None:
+    """The ``progress`` argument for library calls: False under -q (or ``disabled``), else
+    None (bars shown when stderr is a terminal)."""
+    return False if disabled else _PROGRESS[0]
+
 
 def ckpt_option(required: bool = True):
     return typer.Option(... if required else None, "--ckpt", help="Checkpoint directory or .safetensors file.")

@@ -7,7 +7,7 @@ import json
 import typer
 
 from qrobust.cli import app
-from qrobust.cli.common import DataDir, Download, NoVerify, Out
+from qrobust.cli.common import DataDir, Download, NoVerify, Out, cli_progress
 
 
 def _fraction(text: str) -> float:
@@ -47,7 +47,7 @@ def train_dq_cmd(
     ds = load_dataset(data, data_dir, download=download, verify=not no_verify)
     float_model, init_meta = load_checkpoint(init, expect_arch=model) if init else (None, None)
     cfg = default_config(model, ds.name, epochs=epochs, lr=lr, seed=seed)
-    fitted = fit_dq(model, ds, cfg, wbits, abits, beta, init=float_model)
+    fitted = fit_dq(model, ds, cfg, wbits, abits, beta, init=float_model, progress=cli_progress())
     if init_meta is not None:  # the fine-tuned model keeps the spec it was trained with
         fitted.meta["model"] = init_meta["model"]
     save_checkpoint(out, fitted.model, fitted.meta, kind="quantized")
@@ -83,7 +83,8 @@ def train_ensemble_cmd(
         raise ConfigError(f"--reduce must be mean or vote, got '{reduce}'")
     ds = load_dataset(data, data_dir, download=download, verify=not no_verify)
     cfg = default_config(model, ds.name, epochs=epochs, lr=lr, seed=seed)
-    fitted = fit_sq_ensemble(model, ds, cfg, k=k, bits=bits, weight=weight, reduce=reduce)
+    fitted = fit_sq_ensemble(model, ds, cfg, k=k, bits=bits, weight=weight, reduce=reduce,
+                             progress=cli_progress())
     save_checkpoint(out, fitted.model, fitted.meta, kind="sq-ensemble")
     m = fitted.meta["metrics"]
     typer.echo(f"SQ ensemble k={k} {bits}-bit {model} on {ds.name}: test accuracy "

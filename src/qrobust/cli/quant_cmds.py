@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 
 from qrobust.checkpoint import atomic_write_bytes, load_checkpoint, read_meta
 from qrobust.cli import app
-from qrobust.cli.common import DataDir, NoVerify, Out, ReduceRange, ckpt_option
+from qrobust.cli.common import DataDir, NoVerify, Out, ReduceRange, ckpt_option, cli_progress
 from qrobust.errors import CheckpointError, ConfigError
+
+EVAL_LIMIT = 2000  # default test images evaluated (twin and integer model): a few seconds each
 
 
 @app.command("quantize")
@@ -20,6 +23,8 @@ def quantize_cmd(
     reduce_range: str = ReduceRange,
     qat_epochs: int = typer.Option(0, "--qat-epochs", help="QAT fine-tuning epochs (0: PTQ only)."),
     qat_lr: float = typer.Option(None, "--qat-lr", help="QAT learning rate (default 1e-4, Adam)."),
+    eval_limit: int = typer.Option(EVAL_LIMIT, "--eval-limit", help="Test images to evaluate "
+                                   "twin and integer model on (a seeded subset); 0: all."),
     seed: int = typer.Option(0, "--seed"),
     out: str = Out, data_dir: str = DataDir, no_verify: bool = NoVerify,
 ) -> None:
@@ -28,28 +33,42 @@ def quantize_cmd(
     from qrobust.hardware import cpu_info
     from qrobust.quant import quantize, resolve_reduce_range, save_quantized, to_integer
     from qrobust.quant.qat import finetune, qat_config
-    from qrobust.train import accuracy
+    from qrobust.train import predict
 
     parsed = resolve_reduce_range(recipe, reduce_range)  # bad recipes fail before data is read
-    if calib < 1 or qat_epochs < 0:
-        raise ConfigError("--calib must be >= 1 and --qat-epochs >= 0")
+    if calib < 1 or qat_epochs < 0 or eval_limit < 0:
+        raise ConfigError("--calib must be >= 1, --qat-epochs and --eval-limit >= 0")
     if read_meta(ckpt).get("kind", "float") != "float":
         raise CheckpointError(f"{ckpt} is already quantized; pass a float checkpoint")
     model, meta = load_checkpoint(ckpt)
     ds = load_dataset(meta["dataset"], data_dir, verify=not no_verify)
     x_calib, _ = take(ds.train, calib, seed).tensors()
-    twin = quantize(model, parsed, x_calib)
-    metrics = {"ptq_twin_acc": accuracy(twin, ds.test)}
+    progress = cli_progress()
+    twin = quantize(model, parsed, x_calib, progress=progress)
+    test = take(ds.test, eval_limit or None)  # seeded subset, as `qrobust eval --limit`
+    labels = torch.from_numpy(test.y).long()
+
+    def acc(net, desc: str) -> tuple[float, torch.Tensor]:
+        pred = predict(net, test, progress=progress, desc=desc)
+        return float((pred == labels).float().mean()), pred
+
+    metrics: dict = {"ptq_twin_acc": acc(twin, "evaluate twin")[0]}
     if qat_epochs:
-        result = finetune(twin, ds, qat_config(qat_epochs, qat_lr, seed))
+        result = finetune(twin, ds, qat_config(qat_epochs, qat_lr, seed), progress=progress)
         metrics["qat_best_val_acc"] = result.best_val_acc
-    metrics["twin_acc"] = accuracy(twin, ds.test)
-    if parsed.act is not None and parsed.act.bits <= 8:
-        metrics["integer_acc"] = accuracy(to_integer(twin), ds.test)
+    metrics["twin_acc"], twin_pred = acc(twin, "evaluate twin")
+    if parsed.act is not None and parsed.act.bits <= 8:  # the exact reference executor
+        metrics["integer_acc"], int_pred = acc(to_integer(twin), "evaluate integer model")
+        metrics["twin_integer_agreement"] = float((int_pred == twin_pred).float().mean())
+    metrics["n_eval"], metrics["n_test"] = len(test), len(ds.test)
     save_quantized(out, twin, meta, calib=calib, qat_epochs=qat_epochs, seed=seed, metrics=metrics,
                    reduce_range={"mode": reduce_range, "cpu": cpu_info().to_dict()})
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
-    typer.echo(f"{meta['model']['arch']} {parsed.text}: {shown} -> {out}")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                      if isinstance(v, float) and not k.startswith("n_"))
+    which = ("all" if len(test) == len(ds.test) else
+             f"a seeded subset of {len(test)} of the {len(ds.test)}")
+    typer.echo(f"{meta['model']['arch']} {parsed.text}: {shown} on {which} test images "
+               f"-> {out}")
 
 
 @app.command("export")

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from qrobust.cli import app
+from qrobust.cli.common import cli_progress
 from qrobust.errors import ConfigError
 
 Executor = typer.Option("local", "--executor", help="local (default) or ray.")
@@ -40,7 +41,7 @@ def run_cmd(config: str = typer.Argument(..., help="Study YAML file."),
     study = load_study(config)
     out = out or f"runs/{study.name}"
     options = {"address": address} if address else {}
-    s = run_study(study, out, executor, progress=not no_progress, **options)
+    s = run_study(study, out, executor, progress=cli_progress(no_progress), **options)
     typer.echo(f"{study.name}: {s.total} cells, {s.skipped} already stored, {s.computed} computed "
                f"in {s.seconds:.1f}s -> {s.store}")
 
@@ -108,7 +109,7 @@ def demo_cmd(out: str = typer.Option("runs/demo", "--out"),
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     (outp / "study.yaml").write_text(dump_study(study))
-    s = run_study(study, outp, executor, progress=not no_progress)
+    s = run_study(study, outp, executor, progress=cli_progress(no_progress))
     paths = write_report(s.store, outp / "report")
     typer.echo(f"demo: {s.total} cells ({s.computed} computed) in "
                f"{time.perf_counter() - start:.1f}s; report: {paths['html']}")

@@ -8,7 +8,7 @@ import typer
 
 from qrobust.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from qrobust.cli import app
-from qrobust.cli.common import DataDir, Download, NoVerify, Out, ckpt_option
+from qrobust.cli.common import DataDir, Download, NoVerify, Out, ckpt_option, cli_progress
 from qrobust.data import load_dataset, take
 from qrobust.train import accuracy, default_config, fit
 
@@ -42,7 +42,7 @@ def train_cmd(
                          optimizer=optimizer, schedule=schedule, noise_sigma=noise_sigma,
                          patience=patience, seed=seed)
     start = load_checkpoint(init, expect_arch=model)[0].train() if init else None
-    fitted = fit(model, ds, cfg, dropout=dropout, model=start)
+    fitted = fit(model, ds, cfg, dropout=dropout, model=start, progress=cli_progress())
     if init:
         fitted.meta["init_from"] = init
     save_checkpoint(out, fitted.model, fitted.meta)
@@ -60,7 +60,7 @@ def eval_cmd(ckpt: str = ckpt_option(), limit: int = typer.Option(None, "--limit
     model, meta = load_checkpoint(ckpt)
     ds = load_dataset(meta["dataset"], data_dir, verify=not no_verify)
     test = take(ds.test, limit)
-    acc = accuracy(model, test)
+    acc = accuracy(model, test, progress=cli_progress())
     if as_json:
         typer.echo(json.dumps({"ckpt": ckpt, "dataset": ds.name, "n": len(test), "accuracy": acc}))
     else:

@@ -20,12 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from qrobust.config import StudyConfig
 from qrobust.errors import ConfigError
 from qrobust.eval.grid import TABLE, Cell, Workbench, evaluate_cell, plan
 from qrobust.eval.store import ResultStore
+from qrobust.progress import bar as progress_bar
 from qrobust.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -49,10 +48,11 @@ EXECUTORS: Registry[Callable[..., None]] = Registry("executor")
 
 @EXECUTORS.register("local")
 def run_local(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink,
-              progress: bool = True, **_: object) -> None:
+              progress: bool | None = None, **_: object) -> None:
     bench = Workbench(study, out, progress=progress)
     bench.prepare(cells)
-    for cell in tqdm(cells, desc=f"study {study.name}", unit="cell", disable=not progress):
+    for cell in progress_bar(cells, desc=f"study {study.name}", unit="cell", progress=progress,
+                             leave=True):
         metrics, warnings = evaluate_cell(bench, cell)
         sink(cell, metrics, warnings)
 
@@ -76,7 +76,7 @@ def _remote_cell(study_json: dict, out: str, index: int) -> tuple[int, dict, lis
 
 
 @EXECUTORS.register("ray")
-def run_ray(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink, progress: bool = True,
+def run_ray(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink, progress: bool | None = None,
             address: str | None = None, num_cpus: int | None = None, **_: object) -> None:
     try:
         import ray
@@ -94,8 +94,8 @@ def run_ray(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink, progre
         study_json = study.model_dump(mode="json")
         pending = [task.remote(study_json, str(out), index[c.key]) for c in cells]
         by_index = {index[c.key]: c for c in cells}
-        bar = tqdm(total=len(cells), desc=f"study {study.name} (ray)", unit="cell",
-                   disable=not progress)
+        bar = progress_bar(total=len(cells), desc=f"study {study.name} (ray)", unit="cell",
+                           progress=progress, leave=True)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             i, metrics, warnings = ray.get(done[0])
@@ -108,7 +108,7 @@ def run_ray(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink, progre
 
 
 def run_study(study: StudyConfig, out: str | Path, executor: str = "local",
-              progress: bool = True, **options: object) -> RunSummary:
+              progress: bool | None = None, **options: object) -> RunSummary:
     """Evaluate every cell of ``study`` not yet in ``<out>/results.sqlite``."""
     run = EXECUTORS.get(executor)
     out = Path(out)

@@ -130,7 +130,7 @@ class Group:
 class Workbench:
     """Per-process cache of the work shared across cells of one study (see module doc)."""
 
-    def __init__(self, study: StudyConfig, out: str | Path, progress: bool = False) -> None:
+    def __init__(self, study: StudyConfig, out: str | Path, progress: bool | None = None) -> None:
         self.study, self.out, self.progress = study, Path(out), progress
         self._data = None
         self._floats: dict[tuple, nn.Module] = {}

@@ -35,6 +35,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from qrobust.errors import ConfigError
 from qrobust.models import Normalize
+from qrobust.progress import bar as progress_bar
 from qrobust.quant.modules import PIXEL_LEVELS, QuantAct, QuantConv2d, QuantInput, QuantLinear
 from qrobust.quant.spec import QuantSpec, Recipe, parse_recipe
 
@@ -227,8 +228,8 @@ def _link_inputs(gm: fx.GraphModule) -> None:
 
 
 def quantize(model: nn.Module, recipe: str | Recipe, calib: torch.Tensor | None = None,
-             batch_size: int = 256,
-             input_shape: tuple[int, int, int] | None = None) -> QuantTwin:
+             batch_size: int = 256, input_shape: tuple[int, int, int] | None = None,
+             progress: bool | None = None) -> QuantTwin:
     """The fake-quant twin of ``model`` (a new module; ``model`` is not changed).
 
     ``model``: a float model taking images in [0, 1], shape (N, C, H, W), whose first layer is
@@ -279,7 +280,7 @@ def quantize(model: nn.Module, recipe: str | Recipe, calib: torch.Tensor | None 
     twin.eval()
     if calib is not None:
         twin.meta["input_shape"] = tuple(calib.shape[1:])
-        calibrate(twin, calib, batch_size)
+        calibrate(twin, calib, batch_size, progress)
     return twin
 
 
@@ -293,7 +294,8 @@ def set_generator(twin: nn.Module, generator: torch.Generator | None) -> nn.Modu
 
 
 @torch.no_grad()
-def calibrate(twin: nn.Module, images: torch.Tensor, batch_size: int = 256) -> nn.Module:
+def calibrate(twin: nn.Module, images: torch.Tensor, batch_size: int = 256,
+              progress: bool | None = None) -> nn.Module:
     """Set every activation quantizer's scale/zero point from ``images`` (float [0, 1] NCHW)."""
     quantizers = [m for m in twin.modules() if isinstance(m, QuantAct)]
     was_training = twin.training
@@ -301,7 +303,8 @@ def calibrate(twin: nn.Module, images: torch.Tensor, batch_size: int = 256) -> n
     for q in quantizers:
         q.observing, q._seen = True, []
     try:
-        for start in range(0, len(images), batch_size):
+        for start in progress_bar(range(0, len(images), batch_size), desc="calibrate",
+                                  unit="batch", progress=progress):
             twin(images[start:start + batch_size])
     finally:
         for q in quantizers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,6 +35,15 @@ def save_png(fig, path: str | Path, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def wrap(text: str, width_in: float, font_pt: float = 9.0) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at ``font_pt`` (long defense
+    names such as 'mc-dropout(passes=2,rate=0.2)' break at commas, never run into the next
+    panel's title)."""
+    chars = max(12, int(width_in * 72 / (0.6 * font_pt)))
+    return "\n".join(textwrap.wrap(text.replace(",", ", "), chars, break_on_hyphens=False)
+                     ).replace(", ", ",")
 
 
 def _recipes(recs: list[Record]) -> list[str]:
@@ -76,7 +86,7 @@ def accuracy_vs_eps(recs: list[Record], model: str, fits: dict[tuple, Fit] | Non
                     grid = np.linspace(0, eps.max(), 100)
                     ax.plot(grid * 255, fit.predict(np.full_like(grid, pts[0].bits), grid),
                             ls="--", lw=0.9, color=colors[recipe])
-            ax.set_title(f"{a} · defense: {d}")
+            ax.set_title(wrap(f"{a} · defense: {d}", 3.3, 1.2 * plt.rcParams["font.size"]))
             ax.set_xlabel("eps (x 1/255)")
             ax.set_ylim(-0.02, 1.02)
             if j == 0:
@@ -106,7 +116,9 @@ def heatmap(recs: list[Record], model: str, defense: str, attack: str) -> bytes:
     ax.set_xlabel("eps (x 1/255)")
     ax.grid(False)
     fig.colorbar(im, ax=ax, fraction=0.04, label="robust accuracy")
-    ax.set_title(f"{model} · {attack}\ndefense: {defense}", fontsize=8)
+    width = 1.0 + 0.62 * len(eps)
+    ax.set_title(wrap(f"{model} · {attack}", width, 8) + "\n" + wrap(f"defense: {defense}",
+                                                                       width, 8), fontsize=8)
     return _png(fig)
 
 
@@ -142,11 +154,16 @@ def transfer(recs: list[Record], model: str) -> bytes | None:
         return None
     recipes = _recipes(recs)
     colors = _colors(recipes)
+    defenses = sorted({r.defense for r in recs}, key=lambda d: (d != "none", d))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     for recipe in recipes:
         pts = [r for r in recs if r.recipe == recipe]
-        a1.scatter([r.metrics["robust_acc"] for r in pts], [r.metrics["robust_acc_int"] for r in pts],
-                   s=12, color=colors[recipe], label=recipe)
+        for defense, marker in zip(defenses, "os^vDP", strict=False):
+            mine = [r for r in pts if r.defense == defense]
+            label = recipe if len(defenses) == 1 else f"{recipe} · {defense}"
+            a1.scatter([r.metrics["robust_acc"] for r in mine],
+                       [r.metrics["robust_acc_int"] for r in mine], s=12, marker=marker,
+                       color=colors[recipe], label=label)
         for attack, marker in zip(sorted({r.attack for r in pts}), "os^v", strict=False):
             line = sorted((r for r in pts if r.attack == attack and r.metrics["transfer_rate"]
                            is not None), key=lambda r: r.eps)
@@ -161,6 +178,8 @@ def transfer(recs: list[Record], model: str) -> bytes | None:
     a2.set_ylabel("transfer rate twin -> integer")
     a2.set_ylim(-0.02, 1.02)
     a2.legend(fontsize=6, ncol=2)
+    a1.set_title("markers: defense" if len(defenses) > 1 else f"defense: {defenses[0]}",
+                 fontsize=8)
     fig.suptitle(f"{model}: does the attack on the twin transfer to the deployed integer model?")
     return _png(fig)
 

@@ -40,6 +40,16 @@ class Report:
     figures: list[Figure] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (where, message)
     provenance: dict = field(default_factory=dict)
+    missing: int = 0  # planned cells of the latest run with no stored result
+    planned: int = 0
+
+    @property
+    def banner(self) -> str:
+        if not self.missing:
+            return ""
+        return (f"Unfinished study: {self.missing} of {self.planned} planned cells have no result "
+                "yet; figures and fits use the others. Run `qrobust run` on the same study and "
+                "out dir to complete it.")
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -60,21 +70,23 @@ def fit_all(recs: list[Record]) -> dict[tuple, Fit | str]:
     return out
 
 
-def load_rows(store_file: str | Path) -> tuple[list[dict], dict]:
-    """The study's rows and its config. Rows of cells that are not in the latest run's plan
-    (an earlier version of the study written to the same store) stay stored but are left out."""
+def load_rows(store_file: str | Path) -> tuple[list[dict], dict, int]:
+    """The study's rows, its config and how many cells the latest run planned (0: no plan).
+    Rows of cells that are not in that plan (an earlier version of the study written to the
+    same store) stay stored but are left out."""
     with ResultStore(store_file) as store:
         rows = store.rows("robustness")
         study = store.get_meta("study", {}) or {}
         planned = store.get_meta("plan")
-    if planned is not None:
-        keep = set(planned)
-        rows = [r for r in rows if r["key"] in keep]
-    return rows, study
+    if planned is None:
+        return rows, study, 0
+    keep = set(planned)
+    return [r for r in rows if r["key"] in keep], study, len(keep)
 
 
 def build_report(store_file: str | Path) -> Report:
-    rows, study = load_rows(store_file)
+    rows, study, planned = load_rows(store_file)
+    missing = max(0, planned - len({r["key"] for r in rows}))
     recs = records(rows)
     fits = fit_all(recs)
     prov = {}
@@ -84,7 +96,7 @@ def build_report(store_file: str | Path) -> Report:
                 "cells": len(rows),
                 "compute_seconds": round(sum(r["metrics"].get("seconds", 0) for r in rows), 1)}
     rep = Report(f"qrobust study: {study.get('name', Path(store_file).parent.name)}", study,
-                 recs, fits, provenance=prov)
+                 recs, fits, provenance=prov, missing=missing, planned=planned)
     for model in sorted({r.model for r in recs}):
         mfits = {k: v for k, v in fits.items() if isinstance(v, Fit)}
         rep.figures.append(Figure(f"{model}-acc-vs-eps", f"{model}: accuracy vs eps",
@@ -169,7 +181,7 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
 
 
 def to_markdown(rep: Report, image_dir: str = ".") -> str:
-    parts = [f"# {rep.title}", ""]
+    parts = [f"# {rep.title}", ""] + ([f"> **{rep.banner}**", ""] if rep.missing else [])
     if rep.provenance:
         p = rep.provenance
         parts += [f"{p['cells']} cells; git {p['git_sha']}; compute {p['compute_seconds']} s", ""]
@@ -198,7 +210,8 @@ td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4
 td:nth-child(-n+4),th:nth-child(-n+4){text-align:left}.meta{color:#666;font-size:12px}
 figure{display:inline-block;margin:8px;vertical-align:top}figcaption{font-size:12px;color:#555;
 max-width:760px}img{max-width:100%;border:1px solid #eee}.warn{color:#8a4b00}
-code{background:#f6f6f6;padding:1px 4px}pre{background:#f6f6f6;padding:8px;font-size:11px;
+code{background:#f6f6f6;padding:1px 4px}.banner{background:#fff4e0;border:1px solid #e0a040;
+padding:8px 12px;font-weight:600}pre{background:#f6f6f6;padding:8px;font-size:11px;
 overflow-x:auto}
 """
 
@@ -231,6 +244,7 @@ def to_html(rep: Report) -> str:
         "<p>No cell has an integer model (see warnings for why); only the twin was attacked.</p>")
     sections = [
         f"<h1>{e(rep.title)}</h1><p class='meta'>{meta}</p>",
+        f"<p class='banner'>{e(rep.banner)}</p>" if rep.missing else "",
         "<h2>Clean and robust accuracy</h2><p>Robust accuracy of the (defended) fake-quant twin "
         "per eps; the attack runs only on points still classified correctly.</p>",
         _html_table(*summary_table(rep.recs)),

@@ -35,7 +35,8 @@ def fit(arch: str, data: Dataset, cfg: TrainConfig, *, dropout: float = 0.0,
     model = model if model is not None else build_model(spec)
     tr, val = train_val_split(data.train, cfg.val_fraction, cfg.seed)
     result = train(model, tr, val, cfg, extra_losses, progress)
-    metrics = {"test_acc": accuracy(model, data.test), "val_acc": result.best_val_acc,
+    metrics = {"test_acc": accuracy(model, data.test, progress=progress, desc="test accuracy"),
+               "val_acc": result.best_val_acc,
                "best_epoch": result.best_epoch, "epochs_run": len(result.history),
                "train_seconds": round(result.seconds, 2), "n_test": len(data.test)}
     meta = {"model": spec.to_dict(), "dataset": data.name, "metrics": metrics,

@@ -17,10 +17,10 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from qrobust.data import Split, batches, gaussian_noise, random_crop, random_flip
 from qrobust.errors import ConfigError
+from qrobust.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,13 @@ def train(model: nn.Module, train_split: Split, val_split: Split | None, cfg: Tr
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     result = TrainResult(model)
     best_state, stale, start = None, 0, time.perf_counter()
-    disable = None if progress is None else not progress
+    # one bar over every batch of every epoch: its ETA is the whole training's
+    bar = progress_bar(total=cfg.epochs * steps_per_epoch, unit="batch", progress=progress)
     for epoch in range(cfg.epochs):
         model.train()
         seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(batches(train_split, cfg.batch_size, shuffle=True, generator=gen),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=disable)
-        for x, y in bar:
+        bar.set_description(f"train epoch {epoch + 1}/{cfg.epochs}")
+        for x, y in batches(train_split, cfg.batch_size, shuffle=True, generator=gen):
             x = _augment(x, cfg, gen)
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -147,14 +146,16 @@ def train(model: nn.Module, train_split: Split, val_split: Split | None, cfg: Tr
             seen += len(y)
             correct += (logits.argmax(1) == y).sum().item()
             loss_sum += loss.item() * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            refresh=False)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         if val_split is not None and len(val_split):
             # a smoothing base model is kept for its accuracy under its noise, not on clean
             # images; the same seeded draws every epoch, so epochs compare on equal terms
             row["val_acc"] = accuracy(model, val_split, noise_sigma=cfg.noise_sigma,
-                                      seed=cfg.seed + 1)
+                                      seed=cfg.seed + 1, progress=False)
             if result.best_val_acc is None or row["val_acc"] > result.best_val_acc:
                 result.best_val_acc, result.best_epoch, stale = row["val_acc"], epoch + 1, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -165,6 +166,7 @@ def train(model: nn.Module, train_split: Split, val_split: Split | None, cfg: Tr
         if cfg.patience is not None and stale >= cfg.patience:
             log.info("early stop: no validation gain for %d epochs", stale)
             break
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
@@ -173,16 +175,18 @@ def train(model: nn.Module, train_split: Split, val_split: Split | None, cfg: Tr
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, batch_size: int = 512, noise_sigma: float = 0.0,
-            seed: int = 0) -> torch.Tensor:
+            seed: int = 0, progress: bool | None = None, desc: str = "evaluate") -> torch.Tensor:
     """Predicted labels (N,) of ``model`` in eval mode; with ``noise_sigma`` > 0, of the images
     plus N(0, sigma^2) noise drawn from a generator seeded with ``seed``."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     noisy = (lambda x: gaussian_noise(x, noise_sigma, gen)) if noise_sigma > 0 else (lambda x: x)
-    return torch.cat([model(noisy(x)).argmax(1) for x, _ in batches(split, batch_size)])
+    parts = progress_bar(batches(split, batch_size), total=-(-len(split) // batch_size),
+                         desc=desc, unit="batch", progress=progress)
+    return torch.cat([model(noisy(x)).argmax(1) for x, _ in parts])
 
 
 def accuracy(model: nn.Module, split: Split, batch_size: int = 512, noise_sigma: float = 0.0,
-             seed: int = 0) -> float:
-    pred = predict(model, split, batch_size, noise_sigma, seed)
+             seed: int = 0, progress: bool | None = None, desc: str = "evaluate") -> float:
+    pred = predict(model, split, batch_size, noise_sigma, seed, progress, desc)
     return (pred == torch.from_numpy(split.y)).float().mean().item()
