@@ -114,7 +114,7 @@ def _parse_eps(v: Any) -> float:
 class AttackConfig(_Strict):
     """One attack and its eps sweep (in [0, 1] pixel units); ``params`` go to the attack."""
 
-    name: str
+    name: str = "standard"  # the worst-case suite; "fast" (PGD-10) or one attack on request
     norm: Literal["linf", "l2"] = "linf"
     eps: tuple[float, ...] = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)

@@ -43,13 +43,31 @@ def test_quantized_checkpoint_reports_integer_transfer(ckpt, digits_cnn, digits_
     twin = quant.quantize(digits_cnn.model.eval(), "w8a8", xtr[:128]).eval()
     qckpt = tmp_path / "q"
     quant.save_quantized(qckpt, twin, digits_cnn.meta)
-    rc = main(["attack", "--ckpt", str(qckpt), "--eps", "0.1", "--steps", "3", "--limit", "20",
-               "--checks", "none", "--queries", "10", "--json"])
+    rc = main(["attack", "--ckpt", str(qckpt), "--eps", "0.1", "--budget-scale", "0.03",
+               "--limit", "20", "--checks", "none", "--queries", "10", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["quantized"] is True
     assert 0 <= out["integer_transfer"]["clean_disagreement"] <= 0.05
     assert "robust_acc" in out["integer_square"]
+
+
+def test_the_default_is_the_standard_suite_and_fast_is_labelled(ckpt, capsys):
+    rc = main(["attack", "--ckpt", ckpt, "--eps", "0.15", "--budget-scale", "0.05",
+               "--limit", "40", "--checks", "gradients", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["attack"] == out["suite"] == "standard" and out["budget_scale"] == 0.05
+    assert out["budget"] == {"steps": 5, "targets": 9, "queries": 250, "restarts": 1}
+    assert set(out["stage_broken"]) <= {"apgd-ce", "square", *(f"apgd-t{r}" for r in range(1, 10))}
+    broken = sum(out["stage_broken"].values())
+    assert broken == round((out["clean_acc"] - out["robust_acc"]) * out["n"])
+    assert main(["attack", "--ckpt", ckpt, "--eps", "0.15", "--attack", "fast", "--limit", "40",
+                 "--checks", "none"]) == 0
+    assert "fast suite (PGD-10: an upper bound" in capsys.readouterr().out
+    assert main(["attack", "--ckpt", ckpt, "--eps", "0.15", "--attack", "pgd", "--limit", "5",
+                 "--budget-scale", "0.5"]) == 2
+    assert "--budget-scale applies to the standard and fast suites" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "message"), [

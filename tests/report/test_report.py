@@ -66,7 +66,7 @@ def test_html_is_self_contained_and_md_has_the_numbers(tmp_path):
         assert section in html
     md = paths["md"].read_text()
     clean32 = float(accuracy_model(np.array([[32], [0.0]]), *TRUE)[0])
-    assert f"| m | none | fgsm | fp32 | {clean32:.3f} | – |" in md
+    assert f"| m | none | fgsm (upper bound) | fp32 | {clean32:.3f} | – |" in md
     # the synthetic data follow the model exactly (fgsm): the fit is near perfect
     fit_row = next(line for line in md.splitlines() if line.startswith("| m | none | fgsm | 24"))
     r2 = float(fit_row.split("|")[5])

@@ -29,11 +29,13 @@ from qrobust.attacks.gradients import (
 from qrobust.attacks.losses import LOSSES
 from qrobust.attacks.pgd import PGD
 from qrobust.attacks.square import Square
+from qrobust.attacks.suite import STANDARD, Budget, Fast, Standard, Suite
 from qrobust.attacks.transfer import attack_integer_model, transfer_to_integer
 
 __all__ = [
-    "APGD", "APGDDLR", "ATTACKS", "BPDA", "EOT", "FGSM", "LOSSES", "PGD", "Attack", "AttackResult",
-    "Autograd", "Evaluation", "Square", "Temperature", "ThreatModel", "attack_integer_model",
+    "APGD", "APGDDLR", "ATTACKS", "BPDA", "EOT", "FGSM", "LOSSES", "PGD", "STANDARD", "Attack",
+    "AttackResult", "Autograd", "Budget", "Evaluation", "Fast", "Square", "Standard", "Suite",
+    "Temperature", "ThreatModel", "attack_integer_model",
     "auto_estimator", "checks", "evaluate_robustness", "global_temperature",
     "hessian_temperature", "is_success", "random_targets", "robustness_curve",
     "transfer_to_integer",

@@ -36,10 +36,13 @@ def _attack_points(attack: Attack, x: torch.Tensor, y: torch.Tensor, idx: torch.
     """Adversarial examples for the points ``idx`` (others unchanged) and summed grad stats."""
     x_adv = x.clone()
     evals = zeros = smalls = 0.0
+    broken: dict[str, int] = {}
     chunks = list(idx.split(batch_size))
     for part in progress_bar(chunks, desc=attack.name, unit="batch", progress=progress):
         res = attack.run(x[part], y[part], generator)
         x_adv[part] = res.x_adv
+        for stage, k in res.stats.get("stage_broken", {}).items():
+            broken[stage] = broken.get(stage, 0) + k
         n = res.stats["grad_evals"]
         if n:
             evals += n
@@ -48,6 +51,8 @@ def _attack_points(attack: Attack, x: torch.Tensor, y: torch.Tensor, idx: torch.
     stats = {"grad_evals": int(evals),
              "zero_grad_fraction": zeros / evals if evals else None,
              "small_grad_fraction": smalls / evals if evals else None}
+    if broken:  # a suite: points each stage broke (each stage ran on the points still robust)
+        stats["stage_broken"] = broken
     return x_adv, stats
 
 
@@ -88,6 +93,7 @@ def evaluate_robustness(model: Model, attack: Attack, x: torch.Tensor, y: torch.
         metrics["model_randomized"] = is_random
         warnings += chk.randomness_under_deterministic_attack(is_random, metrics["estimator"])
     worst = robust.clone()
+    checks = [c for c in checks if c not in getattr(attack, "includes_checks", ())]
     if "temperature" in checks and attack.uses_gradient and bool(worst.any()):
         t_attack = attack.with_estimator(Temperature("hessian", base=attack.estimator))
         still = worst.nonzero().squeeze(1)

@@ -51,10 +51,26 @@ def build_estimator(kind: str, model, eot: int):
             "temperature-jacobian": lambda: Temperature("jacobian", base=base)}[kind]()
 
 
+def describe_attack(result: dict) -> str:
+    """'standard suite (budget ...)', 'fast suite (PGD-10, an upper bound ...)' or the attack."""
+    suite = result.get("suite")
+    if suite == "standard":
+        b = result["budget"]
+        return (f"standard suite (APGD-CE, APGD-T x{b['targets']}, Square; {b['steps']} steps, "
+                f"{b['queries']} queries{'' if result['budget_scale'] == 1 else ', scaled'})")
+    if suite == "fast":
+        return f"fast suite (PGD-{result['steps']}: an upper bound; --attack standard is stronger)"
+    return f"{result['attack']} (a single attack)"
+
+
 @app.command("attack")
 def attack_cmd(
     ckpt: str = ckpt_option(),
-    attack: str = typer.Option("pgd", "--attack", help="fgsm, pgd, apgd, apgd-dlr, square."),
+    attack: str = typer.Option("standard", "--attack", help="standard (AutoAttack-style "
+                               "worst case: APGD-CE, APGD-T, Square), fast (PGD-10), or one "
+                               "attack: fgsm, pgd, apgd, apgd-dlr, square."),
+    budget_scale: float = typer.Option(1.0, "--budget-scale", help="standard/fast suites: "
+                                       "scale the published iteration and query budgets (0, 1]."),
     eps: float = typer.Option(..., "--eps", help="Perturbation budget in [0, 1] pixel units."),
     norm: str = typer.Option("linf", "--norm", help="linf or l2."),
     steps: int = typer.Option(None, "--steps", help="Iterations (queries for square)."),
@@ -80,7 +96,7 @@ def attack_cmd(
 ) -> None:
     """Robust accuracy of a checkpoint under an attack (AutoAttack-style: only points still
     correct are attacked), with gradient-masking warnings."""
-    from qrobust.attacks import ATTACKS, ThreatModel, attack_integer_model, transfer_to_integer
+    from qrobust.attacks import ATTACKS, Suite, ThreatModel, attack_integer_model, transfer_to_integer
     from qrobust.attacks.evaluate import DEFAULT_CHECKS, evaluate_robustness
     from qrobust.checkpoint import load_checkpoint, read_meta
     from qrobust.data import load_dataset, take
@@ -105,6 +121,10 @@ def attack_cmd(
                     "estimator": build_estimator(estimator, target, eot)}
     if steps is not None:
         kwargs["steps"] = steps
+    if issubclass(cls, Suite):
+        kwargs["budget_scale"] = budget_scale
+    elif budget_scale != 1.0:
+        raise ConfigError(f"--budget-scale applies to the standard and fast suites, not {attack}")
     if alpha is not None:
         key = "alpha" if attack == "pgd" else "step_size" if attack == "fgsm" else None
         if key is None:
@@ -132,10 +152,13 @@ def attack_cmd(
     if as_json:
         typer.echo(json.dumps(result, default=str))
         return
-    typer.echo(f"{result['attack']} ({norm}, eps={eps:g}, estimator {result['estimator']}) on "
-               f"{ds.name}, n={result['n']}: clean {result['clean_acc']:.4f}, robust "
-               f"{result['robust_acc']:.4f}, worst-case after checks "
-               f"{result['robust_acc_worst']:.4f}")
+    typer.echo(f"{describe_attack(result)} ({norm}, eps={eps:g}, estimator "
+               f"{result['estimator']}) on {ds.name}, n={result['n']}: clean "
+               f"{result['clean_acc']:.4f}, robust {result['robust_acc']:.4f}, worst-case after "
+               f"checks {result['robust_acc_worst']:.4f}")
+    if result.get("stage_broken"):
+        typer.echo("  broken per stage (each on the points still robust): " + ", ".join(
+            f"{k} {v}" for k, v in result["stage_broken"].items() if v))
     if "integer_transfer" in result:
         t = result["integer_transfer"]
         rate = "n/a" if t["transfer_rate"] is None else f"{t['transfer_rate']:.4f}"

@@ -152,18 +152,10 @@ def make_attack(name: str, model: Any, norm: str, eps: float, params: dict) -> A
 def attack_points(attack: Any, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                   generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """x_adv for every point of x (callers pass only points still robust) and the summed
-    gradient statistics of the attack loop."""
-    x_adv, evals, zeros, smalls = x.clone(), 0, 0.0, 0.0
-    for i in range(0, len(x), batch_size):
-        res = attack.run(x[i:i + batch_size], y[i:i + batch_size], generator)
-        x_adv[i:i + batch_size] = res.x_adv
-        n = res.stats.get("grad_evals") or 0
-        if n:
-            evals += n
-            zeros += res.stats["zero_grad_fraction"] * n
-            smalls += res.stats["small_grad_fraction"] * n
-    return x_adv, {"grad_evals": evals, "zero_grad_fraction": zeros / evals if evals else None,
-                   "small_grad_fraction": smalls / evals if evals else None}
+    gradient statistics (and a suite's per-stage breaks) of the attack loop."""
+    from qrobust.attacks.evaluate import _attack_points
+
+    return _attack_points(attack, x, y, torch.arange(len(y)), batch_size, generator, False)
 
 
 def describe(attack: Any) -> dict:

@@ -302,7 +302,10 @@ def evaluate_cell(bench: Workbench, cell: Cell) -> tuple[dict, list[str]]:
         idx = correct.nonzero().squeeze(1)
         x_adv[idx], stats = adapters.attack_points(attack, x[idx], y[idx], bs, gen)
         warnings = adapters.masking_warnings(g.defended, attack, x[idx], stats)
-        info = {"estimator": adapters.describe(attack)["estimator"], **stats}
+        described = adapters.describe(attack)
+        info = {"estimator": described["estimator"], **stats,
+                **({"suite": described["suite"], "budget": described["budget"]}
+                   if "suite" in described else {})}
     pred_adv = predict(g.defended, x_adv, bs)
     robust = correct & (pred_adv == y)
     fooled = correct & ~robust
@@ -335,6 +338,12 @@ def evaluate_cell(bench: Workbench, cell: Cell) -> tuple[dict, list[str]]:
     return metrics, warnings
 
 
+def _attack_label(attack: dict) -> str:
+    """The attack's name; a suite run below its published budget says so."""
+    scale = (attack.get("params") or {}).get("budget_scale", 1.0)
+    return attack["name"] + (f"(budget x{scale:g})" if scale != 1.0 else "")
+
+
 def row_label(cell_config: dict) -> dict:
     """Flat, human-facing columns of a stored cell config (for tables and plots)."""
     c = cell_config
@@ -344,5 +353,5 @@ def row_label(cell_config: dict) -> dict:
                            if params else "")
     m = c["model"]
     return {"model": m.get("name") or m.get("arch") or Path(m.get("checkpoint") or "").name,
-            "recipe": c["recipe"], "defense": defense, "attack": c["attack"]["name"],
+            "recipe": c["recipe"], "defense": defense, "attack": _attack_label(c["attack"]),
             "norm": c["attack"]["norm"], "eps": c["eps"], "seed": c["seed"]}

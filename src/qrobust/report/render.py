@@ -52,6 +52,11 @@ class Report:
                 "out dir to complete it.")
 
 
+ATTACK_NOTE = ("'standard' is the worst case over APGD-CE, APGD-T and Square (AutoAttack's "
+               "standard version; '(budget xF)' when run below its published budget); 'fast' "
+               "(PGD-10) and single attacks are upper bounds that a stronger attack may lower.")
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -138,12 +143,14 @@ def summary_table(recs: list[Record]) -> tuple[list[str], list[list[str]]]:
         f"{e * 255:.3g}/255" for e in eps_all]
     body = []
     keys = sorted({(r.model, r.defense, r.attack, r.recipe, r.bits) for r in recs},
-                  key=lambda k: (k[0], k[1] != "none", k[1], k[2], -k[4], k[3]))
+                  key=lambda k: (k[0], k[1] != "none", k[1], not k[2].startswith("standard"),
+                                 k[2], -k[4], k[3]))
     for model, defense, attack, recipe, _ in keys:
         rs = {r.eps: r for r in recs if (r.model, r.defense, r.attack, r.recipe) ==
               (model, defense, attack, recipe)}
         any_r = next(iter(rs.values()))
-        body.append([model, defense, attack, recipe, _fmt(any_r.metrics["clean_acc"]),
+        shown = attack if attack.startswith("standard") else f"{attack} (upper bound)"
+        body.append([model, defense, shown, recipe, _fmt(any_r.metrics["clean_acc"]),
                      _fmt(any_r.metrics.get("clean_acc_int"))] +
                     [_fmt(rs[e].metrics["robust_acc"]) if e in rs else "" for e in eps_all])
     return head, body
@@ -187,7 +194,8 @@ def to_markdown(rep: Report, image_dir: str = ".") -> str:
         parts += [f"{p['cells']} cells; git {p['git_sha']}; compute {p['compute_seconds']} s", ""]
     parts += ["## Clean and robust accuracy (fake-quant twin)", "",
               "Columns after 'clean int' are robust accuracy at each eps (linf unless the "
-              "attack says otherwise).", "", _md_table(*summary_table(rep.recs)), ""]
+              "attack says otherwise). " + ATTACK_NOTE, "", _md_table(*summary_table(rep.recs)),
+              ""]
     parts += ["## Fitted model of accuracy(bits, eps)", "", f"`{FORMULA}`", "",
               "bits = the smaller of weight/activation bits, 32 for float recipes; least squares "
               "(scipy.optimize.curve_fit); R² and RMSE on the fitted points.", "",
@@ -246,7 +254,7 @@ def to_html(rep: Report) -> str:
         f"<h1>{e(rep.title)}</h1><p class='meta'>{meta}</p>",
         f"<p class='banner'>{e(rep.banner)}</p>" if rep.missing else "",
         "<h2>Clean and robust accuracy</h2><p>Robust accuracy of the (defended) fake-quant twin "
-        "per eps; the attack runs only on points still classified correctly.</p>",
+        f"per eps; the attack runs only on points still classified correctly. {e(ATTACK_NOTE)}</p>",
         _html_table(*summary_table(rep.recs)),
         "<h2>Accuracy vs eps (a curve per bit width)</h2>",
         *map(_img, figs["acc-vs-eps"]),

@@ -78,12 +78,16 @@ def _tolerance(p: float, n: int) -> float:
     return 2 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1)) + 1 / max(n, 1)
 
 
+ITERATIVE = ("pgd", "apgd", "apgd-dlr", "fast", "standard")  # never weaker than FGSM
+
+
 def cross_checks(recs: list[Record]) -> list[str]:
     """Validity flags that need several cells (AutoAttack-style sanity checks):
 
     * robust accuracy that *rises* with eps beyond noise (a stronger attack should never do
       worse: the attack is failing, e.g. gradient masking);
-    * PGD weaker than FGSM at the same eps beyond noise (iterating should only help)."""
+    * PGD (or APGD, or a suite) weaker than FGSM at the same eps beyond noise (iterating
+      should only help)."""
     found = []
     series: dict[tuple, list[Record]] = defaultdict(list)
     for r in recs:
@@ -98,14 +102,16 @@ def cross_checks(recs: list[Record]) -> list[str]:
                              "(attack failing; gradient masking?)")
     index = {(r.model, r.recipe, r.defense, r.attack, r.norm, round(r.eps, 9)): r for r in recs}
     for (model, recipe, defense, attack, norm, eps), r in sorted(index.items()):
-        if attack != "pgd" or eps == 0:
+        if attack.split("(")[0] not in ITERATIVE or eps == 0:
             continue
         f = index.get((model, recipe, defense, "fgsm", norm, eps))
         if f is None or f.metrics["robust_acc"] is None or r.metrics["robust_acc"] is None:
             continue
         if r.metrics["robust_acc"] - f.metrics["robust_acc"] > _tolerance(f.metrics["robust_acc"],
                                                                           r.n):
-            found.append(f"{model}/{recipe}/{defense}: PGD leaves {r.metrics['robust_acc']:.3f} "
-                         f"robust at eps={eps:.4g} but FGSM only {f.metrics['robust_acc']:.3f} "
-                         "(PGD should be at least as strong; gradient masking?)")
+            name = "PGD" if attack == "pgd" else attack
+            found.append(f"{model}/{recipe}/{defense}: {name} leaves "
+                         f"{r.metrics['robust_acc']:.3f} robust at eps={eps:.4g} but FGSM only "
+                         f"{f.metrics['robust_acc']:.3f} ({name} should be at least as strong; "
+                         "gradient masking?)")
     return found
