@@ -73,7 +73,7 @@ def test_randomized_models_are_attacked_through_eot(digits_cnn, digits_data):
 
 
 def test_budgets_are_the_published_ones_unless_scaled_explicitly():
-    assert STANDARD == Budget(steps=100, targets=9, queries=5000, restarts=1)
+    assert Budget(steps=100, targets=9, queries=5000, restarts=1) == STANDARD
     assert STANDARD.scaled(0.1) == Budget(steps=10, targets=9, queries=500, restarts=1)
     for bad in (0, 1.5):
         with pytest.raises(ConfigError, match="budget_scale"):
