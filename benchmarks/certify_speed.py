@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -107,10 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results/certify_speed.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out (same settings) from its last image")
     args = parser.parse_args(argv)
 
     from qrobust.certify import GaussianNoise, Smoothed
-    from qrobust.certify.build import describe, image_generator, noisy_classifier
+    from qrobust.certify.build import holds_for, image_generator, noisy_classifier
     from qrobust.checkpoint import load_checkpoint
     from qrobust.cli.certify_cmds import select_indices
     from qrobust.data import load_dataset, take
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours_f = Smoothed(GaussianNoise(model, args.sigma), k, batch_size=args.batch_size)
     ours_i = Smoothed(noisy_i, k, batch_size=args.batch_size)
     extra = [b for b in args.extra_backends.split(",") if b]
-    deployments = {"ours_integer": describe(noisy_i)}
+    deployments = {"ours_integer": holds_for(noisy_i)}
 
     def run_ours(sm):
         def go(x, g):
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     methods = {name: fn for name, fn in methods.items() if name in keep}
     for backend in extra:
         noisy = integer(backend)
-        deployments[f"ours_integer_{backend}"] = describe(noisy)
+        deployments[f"ours_integer_{backend}"] = holds_for(noisy)
         methods[f"ours_integer_{backend}"] = run_ours(Smoothed(noisy, k, batch_size=args.batch_size))
     if args.twin:
         from qrobust.quant import quantize, resolve_reduce_range
@@ -177,8 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {m: [] for m in methods}
     eta = ours_i.noisy.eta(tuple(ds.input_shape))
     machine = {"cpu": cpu_info().to_dict(), "deployments": deployments}
+    if args.resume and Path(args.out).is_file():
+        machine["earlier_segments"] = restore(Path(args.out), args, idx, times, cpu_times, results)
     out: dict = {}
-    for i in tqdm(idx.tolist(), desc="certify", unit="img"):
+    for i in tqdm(idx[len(results["ours_integer"]):].tolist(), desc="certify", unit="img"):
         x = x_all[i:i + 1]
         for name, fn in methods.items():
             g = image_generator(args.seed, i)
@@ -190,6 +195,45 @@ def main(argv: list[str] | None = None) -> dict:
         out = summarize(args, argv, meta, ds.name, eta, idx, y_all, times, cpu_times, results,
                         machine)
     return out
+
+
+SETTINGS = ("ckpt", "sigma", "n0", "n", "alpha", "batch_size", "threads", "recipe",
+            "reduce_range", "backend", "integer_noise", "integer_input")
+
+
+def restore(path: Path, args, idx, times, cpu_times, results) -> list[dict]:
+    """Refill ``results`` (and the per-image times where stored) from a stopped run in ``path``;
+    refuses a run made with other settings. Returns the earlier runs' own speed blocks, kept
+    because images certified before per-image times were stored have only totals."""
+    old = json.loads(path.read_text())
+    mine = {"ckpt": args.ckpt, "sigma": args.sigma, "n0": args.n0, "n": args.n,
+            "alpha": args.alpha, "batch_size": args.batch_size, "threads": args.threads,
+            "recipe": args.recipe, "reduce_range": args.reduce_range, "backend": args.backend,
+            "integer_noise": args.noise, "integer_input": args.integer_input}
+    differ = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
+    if differ or set(old["methods"]) != set(results):
+        sys.exit(f"--resume: {path} was made with other settings or methods: {differ}")
+    if [e["index"] for e in old["per_image"]] != idx[:len(old["per_image"])].tolist():
+        sys.exit(f"--resume: {path} certified other images than --first/--limit choose")
+    for entry in old["per_image"]:
+        for name in results:
+            results[name].append((entry[name]["prediction"], entry[name]["radius"]))
+            times[name].append(nan_if_none(entry[name].get("seconds")))
+            cpu_times[name].append(nan_if_none(entry[name].get("cpu_seconds")))
+    earlier = old["machine"].get("earlier_segments", [])
+    if any(e[name].get("seconds") is None for e in old["per_image"] for name in results):
+        earlier = [*earlier, {"images": old["images"], "methods": {
+            name: {k: v for k, v in r.items() if "second" in k or "_s_" in k}
+            for name, r in old["methods"].items()}}]
+    return earlier
+
+
+def nan_if_none(t: float | None) -> float:
+    return float("nan") if t is None else t
+
+
+def none_if_nan(t: float) -> float | None:
+    return None if math.isnan(t) else t
 
 
 def radius_differences(results, labels, method: str, base: str) -> dict:
@@ -212,12 +256,13 @@ def summarize(args, argv, meta, dataset, eta, idx, y_all, times, cpu_times, resu
     done = len(next(iter(times.values())))
     labels = y_all[idx[:done]].tolist()
     report = {}
-    for name in times:
-        total = sum(times[name])
-        report[name] = {"seconds": total, "cpu_seconds": sum(cpu_times[name]),
-                        "images_per_s": done / total,
-                        "median_s_per_image": statistics.median(times[name]),
-                        "median_cpu_s_per_image": statistics.median(cpu_times[name]),
+    for name in times:  # speed over the images timed per image (a resumed run may lack some)
+        wall = [t for t in times[name] if not math.isnan(t)] or [float("nan")]
+        cpu = [t for t in cpu_times[name] if not math.isnan(t)] or [float("nan")]
+        report[name] = {"timed_images": len(wall), "seconds": sum(wall), "cpu_seconds": sum(cpu),
+                        "images_per_s": len(wall) / sum(wall),
+                        "median_s_per_image": statistics.median(wall),
+                        "median_cpu_s_per_image": statistics.median(cpu),
                         "certified_accuracy": certified(results[name], labels),
                         "abstain_rate": sum(c is None for c, _ in results[name]) / done}
     ratio = {}
@@ -247,7 +292,9 @@ def summarize(args, argv, meta, dataset, eta, idx, y_all, times, cpu_times, resu
            "integer_radius_eta": eta, "methods": report,
            "ratios": ratio,
            "per_image": [{"index": int(i), "label": int(y), **{
-               name: {"prediction": results[name][j][0], "radius": float(results[name][j][1])}
+               name: {"prediction": results[name][j][0], "radius": float(results[name][j][1]),
+                      "seconds": none_if_nan(times[name][j]),
+                      "cpu_seconds": none_if_nan(cpu_times[name][j])}
                for name in results}} for j, (i, y) in enumerate(zip(idx[:done].tolist(), labels,
                                                                    strict=True))],
            "machine": {"python": platform.python_version(), "torch": torch.__version__,

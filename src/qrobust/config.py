@@ -176,7 +176,7 @@ class QuantConfig(_Strict):
     mode: Literal["ptq", "qat"] = "ptq"
     calib: int = Field(256, ge=1)
     integer: bool = True
-    integer_backend: Literal["reference", "onnx"] = "reference"
+    integer_backend: Literal["reference", "onnx", "openvino"] = "reference"
     gorsline_grid: Literal["symmetric", "midrise"] = "symmetric"
 
 

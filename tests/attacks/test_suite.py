@@ -114,7 +114,9 @@ def pgd_50x3(model, x, y, eps) -> torch.Tensor:
 @pytest.mark.data
 @pytest.mark.slow
 @pytest.mark.parametrize("ckpt,dataset,n,eps_list", [
-    ("small-cnn-mnist", "mnist", 200, (0.1, 0.2)),
+    # where the issue found PGD-10 4.4 points too high (MNIST, eps 0.2), and CIFAR-10's usual
+    # radii; few points survive there, which keeps Square's 5000 queries affordable on a CPU
+    ("small-cnn-mnist", "mnist", 300, (0.2,)),
     ("resnet20-cifar10", "cifar10", 64, (2 / 255, 8 / 255)),
 ])
 @pytest.mark.parametrize("recipe", ["fp32", "w8a8", "w4a4"])

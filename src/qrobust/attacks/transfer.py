@@ -19,9 +19,11 @@ DISAGREEMENT_THRESHOLD = 0.01
 def transfer_to_integer(twin: Any, attack: Attack, x: torch.Tensor, y: torch.Tensor, *,
                         integer: Any | None = None, backend: str = "reference",
                         batch_size: int = 256, generator: torch.Generator | None = None,
-                        progress: bool | None = None) -> dict:
+                        progress: bool | None = None, x_adv: torch.Tensor | None = None) -> dict:
     """Attack ``twin`` on the points it classifies correctly and evaluate the adversarial
     examples on the integer model (built with ``to_integer(twin, backend)`` if not given).
+    ``x_adv``: adversarial examples ``attack`` already made for ``twin`` on x (e.g.
+    ``evaluate_robustness(..., return_adv=True)``): evaluated as they are, not attacked again.
 
     x (N, C, H, W) in [0, 1], y (N,). Metrics: twin/integer clean and robust accuracy,
     ``clean_disagreement`` and ``adv_disagreement`` (fraction of clean / attacked points whose
@@ -35,7 +37,10 @@ def transfer_to_integer(twin: Any, attack: Attack, x: torch.Tensor, y: torch.Ten
     twin_clean, int_clean = predict(twin, x, batch_size), predict(integer, x, batch_size)
     twin_ok, int_ok = twin_clean == y, int_clean == y
     idx = twin_ok.nonzero().squeeze(1)
-    x_adv, gstats = _attack_points(attack, x, y, idx, batch_size, generator, progress)
+    if x_adv is None:
+        x_adv, gstats = _attack_points(attack, x, y, idx, batch_size, generator, progress)
+    else:
+        gstats = {}
     twin_adv, int_adv = predict(twin, x_adv, batch_size), predict(integer, x_adv, batch_size)
     fooled_twin = twin_ok & (twin_adv != y)
     eligible = fooled_twin & int_ok

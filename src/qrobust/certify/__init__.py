@@ -2,6 +2,7 @@
 integer-only (IntRS, arXiv 2108.09413) with an exact discrete-Gaussian sampler (arXiv 2004.00010).
 """
 
+from qrobust.certify.build import holds_for, image_generator, noisy_classifier
 from qrobust.certify.intrs import (
     IntegerNoise,
     integer_base,
@@ -38,6 +39,7 @@ __all__ = [
     "Certificate", "GaussianNoise", "IntegerNoise", "NoiseTable", "NoisyClassifier", "Smoothed",
     "binomial_pvalue", "certified_accuracy", "clopper_pearson_lower", "clopper_pearson_upper",
     "curve", "discrete_gaussian_cks", "discrete_radius", "gaussian", "gaussian_radius",
-    "integer_base", "integer_noise", "noise_aware_qat", "noise_table", "noise_window", "pixel_codes",
+    "holds_for", "image_generator", "integer_base", "integer_noise", "noise_aware_qat",
+    "noise_table", "noise_window", "noisy_classifier", "pixel_codes",
     "radius_eta", "rational_sigma2",
 ]

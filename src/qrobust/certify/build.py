@@ -55,7 +55,7 @@ def image_generator(seed: int, index: int, device: str = "cpu") -> torch.Generat
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(index))
 
 
-def describe(noisy: NoisyClassifier) -> dict:
+def holds_for(noisy: NoisyClassifier) -> dict:
     """What a certificate of ``noisy`` holds for: the noise and, for integer smoothing, the
     deployed model (backend, recipe, runtime, CPU and whether its int8 kernels are exact)."""
     if isinstance(noisy, IntegerNoise):

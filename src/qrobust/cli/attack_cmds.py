@@ -134,15 +134,18 @@ def attack_cmd(
     result: dict = {"ckpt": ckpt, "dataset": ds.name, "seed": seed, "defenses": list(defense),
                     "quantized": quantized,
                     **evaluate_robustness(target, atk, x, y, batch_size=batch_size, generator=gen,
-                                          checks=check_list, progress=cli_progress())}
+                                          checks=check_list, progress=cli_progress(),
+                                          return_adv=True)}
+    x_adv = result.pop("x_adv")
     if quantized and integer:
         if defense:
             log.warning("defenses are not applied to the integer model; transfer runs undefended")
         twin_estimator = build_estimator(estimator, model, eot)
         atk_twin = cls(model, threat, **{**kwargs, "estimator": twin_estimator})
-        result["integer_transfer"] = transfer_to_integer(model, atk_twin, x, y, backend=backend,
-                                                         batch_size=batch_size, generator=gen,
-                                                         progress=cli_progress())
+        # undefended, the twin was attacked above already: its x_adv are what transfer
+        result["integer_transfer"] = transfer_to_integer(
+            model, atk_twin, x, y, backend=backend, batch_size=batch_size, generator=gen,
+            progress=cli_progress(), x_adv=None if defense else x_adv)
         if norm == "linf":
             from qrobust.quant import to_integer
 

@@ -85,7 +85,7 @@ def certify_cmd(
 ) -> None:
     """Certify test images with randomized smoothing (Cohen et al.; IntRS with --integer)."""
     from qrobust.certify import Smoothed
-    from qrobust.certify.build import describe, image_generator, noisy_classifier
+    from qrobust.certify.build import holds_for, image_generator, noisy_classifier
     from qrobust.certify.stats import clopper_pearson_lower
     from qrobust.checkpoint import load_checkpoint, weights_path
     from qrobust.data import load_dataset, take
@@ -113,12 +113,12 @@ def certify_cmd(
                              calib=calib, backend=backend, integer_input=integer_input,
                              input_shape=ds.input_shape)
     smoothed = Smoothed(noisy, ds.num_classes, batch_size=batch_size)
-    holds_for = describe(noisy)
+    context = holds_for(noisy)
     base_cfg = {"weights_sha256": file_sha256(weights_path(ckpt)), "dataset": ds.name,
                 "split": "test", "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
-                "integer": integer, "noise": holds_for["noise"],
+                "integer": integer, "noise": context["noise"],
                 # the resolved recipe (reduce-range may depend on the CPU), not the option
-                "recipe": holds_for.get("recipe") if integer and not quantized else None,
+                "recipe": context.get("recipe") if integer and not quantized else None,
                 "backend": backend if integer else None, "seed": seed,
                 "device": torch.device(device).type,
                 **({"integer_input": integer_input} if integer else {})}
@@ -143,7 +143,7 @@ def certify_cmd(
                 store.put(key, TABLE, cfg, metrics, seed=seed)
                 row = store.get(key)
             rows.append(row)
-    summary = {"config": base_cfg, "ckpt": str(ckpt), "holds_for": holds_for,
+    summary = {"config": base_cfg, "ckpt": str(ckpt), "holds_for": context,
                **summarize(rows)}
     from qrobust.checkpoint import atomic_write_bytes
 
