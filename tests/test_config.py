@@ -105,7 +105,7 @@ def test_demo_and_gorsline_configs_validate():
     from qrobust.eval.grid import plan
 
     demo = parse_study(demo_config(), "demo")
-    assert demo.recipes == ("fp32", "w8a8", "w4a4", "w2a2") and len(plan(demo)) == 80
+    assert demo.recipes == ("fp32", "w8a8", "w4a4", "w2a2") and len(plan(demo)) == 56
     gorsline = Path(__file__).parents[1] / "benchmarks" / "gorsline_mnist.yaml"
     study = load_study(gorsline)
     assert study.recipes[1:] == tuple(f"gorsline{b}" for b in range(1, 11))
