@@ -126,6 +126,7 @@ def test_standard_is_never_weaker_than_pgd_50x3(ckpt, dataset, n, eps_list, reci
     from qrobust.data import take
     from qrobust.quant import quantize
 
+    pytest.importorskip("torchattacks")  # before the costly half, not after it
     model, ds = _committed(ckpt, dataset)
     if recipe != "fp32":
         model = quantize(model, recipe, take(ds.train, 512, seed=1).tensors()[0])
