@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -194,11 +193,17 @@ def main(argv: list[str] | None = None) -> dict:
         # rewritten after every image: a stopped run keeps what it certified
         out = summarize(args, argv, meta, ds.name, eta, idx, y_all, times, cpu_times, results,
                         machine)
-    return out
+    # a resumed run with nothing left to certify still reports what it holds
+    return out or summarize(args, argv, meta, ds.name, eta, idx, y_all, times, cpu_times,
+                            results, machine)
 
 
-SETTINGS = ("ckpt", "sigma", "n0", "n", "alpha", "batch_size", "threads", "recipe",
-            "reduce_range", "backend", "integer_noise", "integer_input")
+def settings(args) -> dict:
+    """What a run's numbers depend on: stored in its JSON, and what --resume must match."""
+    return {"ckpt": args.ckpt, "sigma": args.sigma, "n0": args.n0, "n": args.n,
+            "alpha": args.alpha, "batch_size": args.batch_size, "threads": args.threads,
+            "recipe": args.recipe, "reduce_range": args.reduce_range, "backend": args.backend,
+            "integer_noise": args.noise, "integer_input": args.integer_input}
 
 
 def restore(path: Path, args, idx, times, cpu_times, results) -> list[dict]:
@@ -206,11 +211,7 @@ def restore(path: Path, args, idx, times, cpu_times, results) -> list[dict]:
     refuses a run made with other settings. Returns the earlier runs' own speed blocks, kept
     because images certified before per-image times were stored have only totals."""
     old = json.loads(path.read_text())
-    mine = {"ckpt": args.ckpt, "sigma": args.sigma, "n0": args.n0, "n": args.n,
-            "alpha": args.alpha, "batch_size": args.batch_size, "threads": args.threads,
-            "recipe": args.recipe, "reduce_range": args.reduce_range, "backend": args.backend,
-            "integer_noise": args.noise, "integer_input": args.integer_input}
-    differ = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
+    differ = {k: (old.get(k), v) for k, v in settings(args).items() if old.get(k) != v}
     if differ or set(old["methods"]) != set(results):
         sys.exit(f"--resume: {path} was made with other settings or methods: {differ}")
     if [e["index"] for e in old["per_image"]] != idx[:len(old["per_image"])].tolist():
@@ -218,22 +219,15 @@ def restore(path: Path, args, idx, times, cpu_times, results) -> list[dict]:
     for entry in old["per_image"]:
         for name in results:
             results[name].append((entry[name]["prediction"], entry[name]["radius"]))
-            times[name].append(nan_if_none(entry[name].get("seconds")))
-            cpu_times[name].append(nan_if_none(entry[name].get("cpu_seconds")))
+            times[name].append(entry[name].get("seconds"))  # None: not timed per image
+            cpu_times[name].append(entry[name].get("cpu_seconds"))
     earlier = old["machine"].get("earlier_segments", [])
-    if any(e[name].get("seconds") is None for e in old["per_image"] for name in results):
+    # a run from before per-image times: its speed totals are all that is left of them
+    if all(e[name].get("seconds") is None for e in old["per_image"] for name in results):
         earlier = [*earlier, {"images": old["images"], "methods": {
             name: {k: v for k, v in r.items() if "second" in k or "_s_" in k}
             for name, r in old["methods"].items()}}]
     return earlier
-
-
-def nan_if_none(t: float | None) -> float:
-    return float("nan") if t is None else t
-
-
-def none_if_nan(t: float) -> float | None:
-    return None if math.isnan(t) else t
 
 
 def radius_differences(results, labels, method: str, base: str) -> dict:
@@ -257,8 +251,8 @@ def summarize(args, argv, meta, dataset, eta, idx, y_all, times, cpu_times, resu
     labels = y_all[idx[:done]].tolist()
     report = {}
     for name in times:  # speed over the images timed per image (a resumed run may lack some)
-        wall = [t for t in times[name] if not math.isnan(t)] or [float("nan")]
-        cpu = [t for t in cpu_times[name] if not math.isnan(t)] or [float("nan")]
+        wall = [t for t in times[name] if t is not None] or [float("nan")]
+        cpu = [t for t in cpu_times[name] if t is not None] or [float("nan")]
         report[name] = {"timed_images": len(wall), "seconds": sum(wall), "cpu_seconds": sum(cpu),
                         "images_per_s": len(wall) / sum(wall),
                         "median_s_per_image": statistics.median(wall),
@@ -283,18 +277,13 @@ def summarize(args, argv, meta, dataset, eta, idx, y_all, times, cpu_times, resu
         }
     out = {"benchmark": "certify_speed", "command": " ".join([Path(sys.argv[0]).name, *(argv or
                                                                                     sys.argv[1:])]),
-           "ckpt": args.ckpt, "dataset": dataset, "arch": meta["model"]["arch"],
-           "images": done, "images_planned": len(idx), "sigma": args.sigma, "n0": args.n0,
-           "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
-           "threads": args.threads, "recipe": args.recipe, "reduce_range": args.reduce_range,
-           "backend": args.backend, "indices": "first" if args.first is not None else "seeded",
-           "integer_noise": args.noise, "integer_input": args.integer_input,
-           "integer_radius_eta": eta, "methods": report,
+           "dataset": dataset, "arch": meta["model"]["arch"], "images": done,
+           "images_planned": len(idx), **settings(args),
+           "indices": "first" if args.first is not None else "seeded", "integer_radius_eta": eta, "methods": report,
            "ratios": ratio,
            "per_image": [{"index": int(i), "label": int(y), **{
                name: {"prediction": results[name][j][0], "radius": float(results[name][j][1]),
-                      "seconds": none_if_nan(times[name][j]),
-                      "cpu_seconds": none_if_nan(cpu_times[name][j])}
+                      "seconds": times[name][j], "cpu_seconds": cpu_times[name][j]}
                for name in results}} for j, (i, y) in enumerate(zip(idx[:done].tolist(), labels,
                                                                    strict=True))],
            "machine": {"python": platform.python_version(), "torch": torch.__version__,

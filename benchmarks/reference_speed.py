@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from qrobust.checkpoint import load_checkpoint
 from qrobust.hardware import cpu_info
 from qrobust.integer import reference
 from qrobust.integer.base import pixel_codes
@@ -56,8 +57,6 @@ def main(argv: list[str] | None = None) -> dict:
     old = baseline_module(args.baseline)
     rows = []
     for arch, (ckpt, shape) in MODELS.items():
-        from qrobust.checkpoint import load_checkpoint
-
         model, _ = load_checkpoint(ROOT / ckpt)
         x = torch.rand(args.batch, *shape, generator=torch.Generator().manual_seed(0))
         codes = pixel_codes(x)
