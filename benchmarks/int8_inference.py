@@ -156,7 +156,7 @@ def bench_model(arch: str, batch: int, rounds: int, threads: int, ref_rounds: in
     ort_int8 = session(export_int8(program, "qdq", exact), threads)
     ort_qop = session(export_int8(program, "qoperator", exact), threads)
     ort_fp32 = session(float_model_proto(program), threads)
-    reference = ReferenceIntegerModel(twin, shape, chunk=batch)
+    reference = ReferenceIntegerModel(twin, shape)
     runs = {
         "torch_fp32": lambda: _no_grad(model, x),
         "ort_fp32": lambda: ort_fp32.run(["logits"], {"x": xf}),

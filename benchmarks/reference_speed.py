@@ -1,9 +1,13 @@
-"""The reference integer executor against an earlier version of itself, side by side.
+"""The reference integer executor against an earlier version of itself, and beside the int8
+runtimes, side by side.
 
 The earlier ``src/qrobust/integer/reference.py`` is read from git (``--baseline``, default the
-commit before the float-exact rewrite) and imported as a module; both run the same lowered
-program on the same pixel codes (one thread, round-robin rounds, medians). Outputs must be
-identical (checked). Writes benchmarks/results/reference_speed.json.
+version issue 18 measured) and imported as a module. It is timed twice: in one chunk of the
+whole batch (``baseline_one_chunk``: how ``int8_inference.py`` called it when the issue read
+144 images/s) and in its own default chunks (``baseline``). All run the same lowered program on
+the same pixel codes (test images where the data is present; one thread, round-robin rounds,
+medians); the reference logits must be identical (checked), the int8 runtimes' predictions are
+compared with them. Writes benchmarks/results/reference_speed.json.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reference_speed.py --rounds 5
 """
@@ -23,15 +27,39 @@ from pathlib import Path
 import torch
 
 from qrobust.checkpoint import load_checkpoint
+from qrobust.data import load_dataset, take
 from qrobust.hardware import cpu_info
 from qrobust.integer import reference
 from qrobust.integer.base import pixel_codes
+from qrobust.integer.onnx import export_int8, int8_kernels, session
+from qrobust.integer.program import lower
 from qrobust.provenance import provenance
 from qrobust.quant import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"small-cnn": ("benchmarks/models/small-cnn-mnist", (1, 28, 28)),
-          "resnet20": ("benchmarks/models/resnet20-cifar10", (3, 32, 32))}
+MODELS = {"small-cnn": ("benchmarks/models/small-cnn-mnist", (1, 28, 28), "mnist"),
+          "resnet20": ("benchmarks/models/resnet20-cifar10", (3, 32, 32), "cifar10")}
+
+
+def images(dataset: str, shape: tuple[int, ...], n: int) -> tuple[torch.Tensor, str]:
+    try:
+        return take(load_dataset(dataset).test, n).tensors()[0], f"{dataset} test images"
+    except Exception:  # noqa: BLE001 - the data may be absent; speed hardly depends on it
+        return torch.rand(n, *shape, generator=torch.Generator().manual_seed(0)), "random images"
+
+
+def int8_runtimes(twin, shape, threads: int = 1) -> dict:
+    """ORT int8 and (when installed) OpenVINO int8 runs of the same program on uint8 codes."""
+    program = lower(twin, shape)
+    exact = int8_kernels().exact_u8s8
+    ort = session(export_int8(program, "qdq", exact), threads)
+    runs = {"ort_int8": lambda u8: ort.run(["logits"], {"pixels": u8})[0]}
+    if importlib.util.find_spec("openvino") is not None:
+        from qrobust.integer.openvino import compile_onnx
+
+        ov = compile_onnx(export_int8(program, "qdq-rounded-add", exact), threads)
+        runs["openvino_int8"] = lambda u8: ov({"pixels": u8})[ov.output(0)]
+    return runs
 
 
 def baseline_module(rev: str):
@@ -56,31 +84,44 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     old = baseline_module(args.baseline)
     rows = []
-    for arch, (ckpt, shape) in MODELS.items():
+    for arch, (ckpt, shape, dataset) in MODELS.items():
         model, _ = load_checkpoint(ROOT / ckpt)
-        x = torch.rand(args.batch, *shape, generator=torch.Generator().manual_seed(0))
+        x, source = images(dataset, shape, args.batch)
         codes = pixel_codes(x)
+        u8 = codes.to(torch.uint8).numpy()
         for recipe in args.recipes.split(","):
             twin = quantize(model, recipe, x)
-            runs = {"baseline": old.ReferenceIntegerModel(twin, shape),
+            refs = {"baseline_one_chunk": old.ReferenceIntegerModel(twin, shape, chunk=args.batch),
+                    "baseline": old.ReferenceIntegerModel(twin, shape),
                     "current": reference.ReferenceIntegerModel(twin, shape)}
-            same = torch.equal(runs["baseline"].forward_pixels(codes),
-                               runs["current"].forward_pixels(codes))
+            logits = {k: m.forward_pixels(codes) for k, m in refs.items()}
+            same = all(torch.equal(v, logits["current"]) for v in logits.values())
+            runs = {k: (lambda m=m, c=codes: m.forward_pixels(c)) for k, m in refs.items()}
+            agreement = {}
+            if recipe.startswith("w8a8"):  # the 8-bit runtimes, beside
+                for name, fn in int8_runtimes(twin, shape).items():
+                    runs[name] = lambda fn=fn, u8=u8: fn(u8)
+                    got = torch.from_numpy(runs[name]()).argmax(1)
+                    agreement[name] = float((got == logits["current"].argmax(1)).float().mean())
             times: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(args.rounds):
-                for name, m in runs.items():
+                for name, fn in runs.items():
                     start = time.perf_counter()
-                    m.forward_pixels(codes)
+                    fn()
                     times[name].append(time.perf_counter() - start)
             ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
-            rows.append({"model": arch, "recipe": recipe, "images_per_s": ips,
-                         "speedup": ips["current"] / ips["baseline"], "identical_logits": same})
-            print(f"{arch} {recipe}: baseline {ips['baseline']:.0f} img/s, current "
-                  f"{ips['current']:.0f} img/s, x{rows[-1]['speedup']:.1f}, identical {same}",
-                  flush=True)
+            rows.append({"model": arch, "recipe": recipe, "images": source, "images_per_s": ips,
+                         "speedup": ips["current"] / ips["baseline"],
+                         "speedup_over_one_chunk": ips["current"] / ips["baseline_one_chunk"],
+                         "identical_logits": same,
+                         "int8_runtime_prediction_agreement": agreement})
+            print(f"{arch} {recipe}: " + ", ".join(f"{k} {v:.0f}" for k, v in ips.items())
+                  + f" img/s; current x{rows[-1]['speedup']:.1f} baseline, "
+                  f"x{rows[-1]['speedup_over_one_chunk']:.1f} baseline in one chunk; "
+                  f"identical {same}", flush=True)
     out = {"benchmark": "reference_speed", "command": " ".join(
         [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "baseline": args.baseline, "batch": args.batch, "rounds": args.rounds, "threads": 1,
+        "baseline": args.baseline, "chunk": reference.CHUNK, "batch": args.batch, "rounds": args.rounds, "threads": 1,
         "cpu": cpu_info().to_dict(), **provenance(), "rows": rows}
     path = ROOT / args.out
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,18 @@ integer of magnitude at most ``max|x| * max_o sum_k |w_ok|``, and where that bou
 whatever order the kernel adds in (:func:`exact_dtype` checks the bound per call; resnet20's
 layers stay below 2^24). Unlike int8 kernels this does not depend on the CPU (no int16
 saturation, :mod:`qrobust.integer.int8`). Reduced-precision float32 modes (bf16/tf32 that a
-user may switch on) and NNPACK's Winograd/FFT convolutions are excluded. Requantization is the
-fixed-point scheme of :mod:`qrobust.integer.program`, in int64. The only float operation on
-values is the final ``logits = acc * s`` (the accumulator is the integer output code).
+user may switch on) and NNPACK's Winograd/FFT convolutions are excluded. Requantization gives
+the fixed-point scheme of :mod:`qrobust.integer.program` exactly: computed in float with a
+proven error bound, and in int64 for the few elements within that bound of a rounding boundary
+(:func:`requantize`). Only the final ``logits = acc * s`` is a float result (the accumulator is
+the integer output code). For logits alone, max pools run before the requantization they read
+(it is monotone) and dead tensors are freed as soon as they are (memory reused in cache):
+``benchmarks/results/reference_speed.json``.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +42,7 @@ from qrobust.integer.program import (
 )
 from qrobust.quant.modules import QuantInput
 
-CHUNK = 32  # images per chunk: small tensors are reused by the allocator (2x faster than 256)
+CHUNK = 64  # images per chunk: tensors freed in one op are reused, still cached, by the next
 EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}
 
 
@@ -59,7 +65,10 @@ def exact_dtype(bound: int) -> torch.dtype:
 
 
 def _abs_max(t: torch.Tensor) -> int:
-    return int(t.abs().max()) if t.numel() else 0
+    if not t.numel():
+        return 0
+    lo, hi = torch.aminmax(t)
+    return max(-int(lo), int(hi))
 
 
 def _row_abs_sum(w: torch.Tensor) -> int:
@@ -98,44 +107,98 @@ def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view(1, -1, *([1] * (ndim - 2)))
 
 
-def requantize(values: list[torch.Tensor], op: RequantOp) -> torch.Tensor:
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def requant_scales(op: RequantOp) -> list[torch.Tensor]:
+    """Each term's ``m_t 2^-S`` per channel, exact in float64."""
+    shift = torch.pow(2.0, -op.shift.double())
+    return [term.multiplier.double() * shift for term in op.terms]
+
+
+def requantize(values: list[torch.Tensor], op: RequantOp,
+               scales: list[torch.Tensor] | None = None,
+               bounds: list[int | None] | None = None) -> torch.Tensor:
     """Fixed-point requantization of a sum of integer terms (see program.py):
     ``clamp(((sum_t (v_t - z_t) m_t + 2^(S-1)) >> S) + z_out, lo, hi)``, or the sign of the sum.
 
-    Computed in float64 as ``t = sum_t (v_t - z_t) (m_t 2^-S)`` (each ``m_t 2^-S`` is exact;
-    the products and the sum round by at most ``2^-51 (E + 1)``, E = sum_t max|v_t - z_t|
-    max_c m_t 2^-S). Wherever ``t + 1/2`` (for the sign: ``t``) lies within ``2^-48 (E + 1)``
-    of a rounding boundary, that element is recomputed in int64: the result is the exact
-    fixed-point one. ``values``: same-shape tensors holding integers. Returns float32 codes
-    (float64 for a range beyond 2^24)."""
-    shift = torch.pow(2.0, -op.shift.double())
-    t, bound = None, 1.0
-    for v, term in zip(values, op.terms, strict=True):
-        scale = term.multiplier.double() * shift
+    Computed in floating point as ``p = sum_t (v_t - z_t) (m_t 2^-S)`` (float32 where the error
+    bound below is small, else float64; unit roundoff u). ``p`` is within
+    ``err = (k + 3) u (span + 1)`` of the exact sum ``t`` of k terms, where ``span`` bounds
+    ``sum_t |v_t - z_t| m_t 2^-S`` (E). For one term the error is relative (<= 2.01 u |t|), so
+    ``span`` may be ``R = max(hi - z, z - lo) + 2`` instead: any ``|p| > R`` is clamped to the
+    same end as ``t``. Wherever ``p`` lies within ``2 err`` of a rounding boundary (for the sign:
+    of 0), that element is recomputed in int64: the result is the exact fixed-point one.
+    ``values``: same-shape tensors holding integers; ``bounds``: a known bound on each one's
+    ``max |v_t|`` (None: measured). Returns float32 codes (float64 for a range beyond 2^24)."""
+    scales = requant_scales(op) if scales is None else scales
+    bounds = [None] * len(values) if bounds is None else bounds
+    extent, magnitude = 1.0, 0.0  # E + 1; the largest |v_t| + |z_t|
+    for v, term, scale, bound in zip(values, op.terms, scales, bounds, strict=True):
+        b = _abs_max(v) if bound is None else bound
+        extent += (b + abs(term.zero_point)) * float(scale.max())
+        magnitude = max(magnitude, b + abs(term.zero_point))
+    k = len(values)
+    clamp_span = max(op.hi - op.zero_point, op.zero_point - op.lo) + 3.0
+    span = extent if op.sign or k > 1 else min(extent, clamp_span)
+    float32 = (all(v.dtype == torch.float32 for v in values)
+               and magnitude <= EXACT_INTEGERS[torch.float32]
+               and (k + 3) * UNIT_ROUNDOFF[torch.float32] * span <= 2.0**-12)
+    dtype = torch.float32 if float32 else torch.float64
+    err = (k + 3) * UNIT_ROUNDOFF[dtype] * span
+    t = None
+    for v, term, scale in zip(values, op.terms, scales, strict=True):
+        v = v.to(dtype)
         centred = v - term.zero_point if term.zero_point else v  # exact: small integers
-        part = centred * _channel(scale, v.ndim)  # a new float64 tensor: values stay intact
-        bound += max(float(v.max()) - term.zero_point, term.zero_point - float(v.min()), 0.0) * float(scale.max())
-        t = part if t is None else t.add_(part)
+        scale = _channel(scale.to(dtype), v.ndim)
+        t = centred * scale if t is None else t.addcmul_(centred, scale)  # values stay intact
     assert t is not None
-    err = 2.0**-48 * bound
     if op.sign:
-        out, near = torch.where(t >= 0, 1.0, -1.0), t.abs() <= err
+        out = torch.where(t >= 0, 1.0, -1.0).to(dtype)
+        near = _at_least(t.abs_().neg_(), -2 * err)
     else:
-        out = torch.floor(t.add_(0.5))
-        near = t.sub_(out).sub_(0.5).abs_() >= 0.5 - err  # within err of an integer boundary
-    if bool(near.any()):
-        out[near] = _requantize_exact(values, op, near.nonzero(as_tuple=True)).double()
+        out = torch.round(t)  # = floor(t + 1/2) away from the boundaries checked next
+        near = _at_least(t.sub_(out).abs_(), 0.5 - 2 * err)
+    if near[0].numel():
+        out[near] = _requantize_exact(values, op, near).to(dtype)
     if not op.sign:
-        out = out.add_(op.zero_point).clamp_(op.lo, op.hi)
+        out = out.clamp_(op.lo - op.zero_point, op.hi - op.zero_point)
+        out = out.add_(op.zero_point) if op.zero_point else out
     small = op.sign or max(abs(op.lo), abs(op.hi)) <= EXACT_INTEGERS[torch.float32]
-    return out.float() if small else out
+    return out.float() if small else out.double()
+
+
+def _at_least(d: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
+    """Indices (one tensor per dim) of the few elements of ``d`` that are >= ``threshold``.
+
+    Blocks of 256 elements (in memory order) whose maximum reaches it are found first, then the
+    elements inside them: torch's comparisons and nonzero over millions of elements cost more
+    than the arithmetic of the requantization itself."""
+    if d.is_contiguous():
+        order = list(range(d.ndim))
+    elif d.ndim == 4 and d.is_contiguous(memory_format=torch.channels_last):
+        order = [0, 2, 3, 1]
+    else:
+        d, order = d.contiguous(), list(range(d.ndim))
+    flat = d.permute(order).reshape(-1)  # a view: memory order
+    block = 256
+    whole = flat.numel() - flat.numel() % block
+    hits = (flat[:whole].view(-1, block).amax(1) >= threshold).nonzero().squeeze(1)
+    candidates = torch.cat([(hits.unsqueeze(1) * block + torch.arange(block)).view(-1),
+                            torch.arange(whole, flat.numel())])
+    found = candidates[flat[candidates] >= threshold]
+    coords = torch.unravel_index(found, tuple(d.shape[i] for i in order))
+    return tuple(coords[order.index(dim)] for dim in range(d.ndim))
 
 
 def _requantize_exact(values: list[torch.Tensor], op: RequantOp, where: tuple) -> torch.Tensor:
     """int64 fixed-point requantization (before zero point and clamp) at indices ``where``."""
     channel = where[1]
-    total = sum((v[where].long() - term.zero_point) * term.multiplier[channel]
-                for v, term in zip(values, op.terms, strict=True))
+    centred = [v[where].long() - term.zero_point for v, term in zip(values, op.terms, strict=True)]
+    reach = sum(_abs_max(c) * int(term.multiplier.max()) for c, term in zip(centred, op.terms, strict=True))
+    if reach >= 2**62:  # the sum (and its rounding offset 2^(S-1) <= 2^61) must fit in int64
+        raise OverflowError(f"{op.out}: fixed-point sum reaches {reach:.3g}, beyond int64")
+    total = sum(c * term.multiplier[channel] for c, term in zip(centred, op.terms, strict=True))
     if op.sign:
         return torch.where(total >= 0, 1, -1)
     s = op.shift[channel]
@@ -143,51 +206,68 @@ def _requantize_exact(values: list[torch.Tensor], op: RequantOp, where: tuple) -
 
 
 class _Executor:
-    """Runs one program: codes are float32 tensors and accumulators float64 tensors, both
-    holding exact integers; float weights and their bounds are prepared once."""
+    """Runs one program: codes and accumulators are float32 tensors (float64 where a bound
+    needs it) holding exact integers; convolutions in channels-last layout (oneDNN's fast path
+    for convolution and pooling). Weights, scales and a bound on every slot's magnitude (so the
+    float type of each product is chosen once, without a pass over the data) are prepared here."""
 
     def __init__(self, program: Program) -> None:
         self.program = program
-        self.weights = {op.out: (op.weight.float(), op.weight.double(), _row_abs_sum(op.weight))
+        self.bounds = slot_bounds(program)
+        self.weights = {op.out: (op.weight.float(), op.weight.double(), op.bias.float(),
+                                 op.bias.double(), _row_abs_sum(op.weight), _abs_max(op.bias))
                         for op in program.ops if isinstance(op, (ConvOp, LinearOp))}
+        self.fast_ops = _pool_before_requant(program.ops)  # for the logits alone
+        self.scales = {op.out: requant_scales(op) for op in program.ops + self.fast_ops
+                       if isinstance(op, RequantOp)}
+        self.bounds.update(slot_bounds(Program(self.fast_ops, program.input_shape, {})))
+        self.dead = _last_uses(self.fast_ops)
         self.kernels = {InputOp: self.input, ConvOp: self.conv, LinearOp: self.linear,
                         RequantOp: self.requant, MaxPoolOp: self.maxpool, SumPoolOp: self.sumpool,
                         FlattenOp: self.flatten, ReluOp: self.relu}
 
-    def weight(self, op: ConvOp | LinearOp, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
-        w32, w64, row_sum = self.weights[op.out]
-        dtype = exact_dtype(_abs_max(x) * row_sum)
-        return (w32 if dtype == torch.float32 else w64), dtype
+    def weight(self, op: ConvOp | LinearOp, x: torch.Tensor):
+        """(weight, bias, dtype): the float type in which ``x w + b`` is exact."""
+        w32, w64, b32, b64, row_sum, bias_max = self.weights[op.out]
+        bound = self.bounds[op.inp]
+        x_max = _abs_max(x) if bound is None else bound + abs(op.in_zero_point)
+        dtype = exact_dtype(x_max * row_sum + bias_max)
+        return (w32, b32, dtype) if dtype == torch.float32 else (w64, b64, dtype)
 
     def run(self, codes: torch.Tensor, keep: bool = False) -> dict[str, torch.Tensor]:
         env: dict[str, torch.Tensor] = {}
-        for op in self.program.ops:
+        ops, dead_after = (self.program.ops, [()] * len(self.program.ops)) if keep else (
+            self.fast_ops, self.dead)
+        for op, dead in zip(ops, dead_after, strict=True):
             if isinstance(op, OutputOp):
                 scale = op.scale if op.scale.ndim == 0 else op.scale.view(1, -1)
                 env["logits"] = ((env[op.inp].double() - op.zero_point) * scale).float()
             else:
                 env[op.out] = self.kernels[type(op)](op, env, codes)
+            for slot in dead:  # freed memory is reused while still in cache
+                del env[slot]
         if not keep:
             return {"logits": env["logits"]}
-        return {k: v if k == "logits" else v.long() for k, v in env.items()}
+        return {k: v if k == "logits" else v.long().contiguous() for k, v in env.items()}
 
     def input(self, op: InputOp, env, pixels):
         return (input_codes(op, pixels) - _channel(op.zero_point, pixels.ndim)).float()
 
     def conv(self, op: ConvOp, env, pixels):
         x = env[op.inp] - op.in_zero_point if op.in_zero_point else env[op.inp]
-        w, dtype = self.weight(op, x)
+        w, b, dtype = self.weight(op, x)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         with torch.backends.nnpack.flags(enabled=False):  # Winograd / FFT would round
-            acc = F.conv2d(x.to(dtype), w, stride=op.stride, padding=op.padding)
-        return acc.double().add_(_channel(op.bias.double(), acc.ndim))
+            return F.conv2d(x, w, b, stride=op.stride, padding=op.padding)
 
     def linear(self, op: LinearOp, env, pixels):
         x = env[op.inp] - op.in_zero_point if op.in_zero_point else env[op.inp]
-        w, dtype = self.weight(op, x)
-        return (x.to(dtype) @ w.t()).double().add_(op.bias.double().view(1, -1))
+        w, b, dtype = self.weight(op, x)
+        return torch.addmm(b, x.to(dtype), w.t())
 
     def requant(self, op: RequantOp, env, pixels):
-        return requantize([env[t.slot] for t in op.terms], op)
+        return requantize([env[t.slot] for t in op.terms], op, self.scales[op.out],
+                          [self.bounds[t.slot] for t in op.terms])
 
     def maxpool(self, op: MaxPoolOp, env, pixels):
         return F.max_pool2d(env[op.inp], op.kernel, op.stride)
@@ -200,6 +280,70 @@ class _Executor:
 
     def relu(self, op: ReluOp, env, pixels):
         return torch.clamp(env[op.inp], min=op.zero_point)
+
+
+def _reads(op) -> list[str]:
+    return [t.slot for t in op.terms] if isinstance(op, RequantOp) else (
+        [op.inp] if hasattr(op, "inp") else [])
+
+
+def _pool_before_requant(ops: tuple) -> tuple:
+    """``ops`` with every max pool that alone reads a one-term requantization moved before it.
+
+    Requantization is non-decreasing in its input within a channel (positive multipliers, round
+    half up, clamp), so it commutes with a max over a window of that channel: pooling the
+    accumulator first gives the same codes and requantizes a quarter of the elements."""
+    readers: dict[str, list] = {}
+    for op in ops:
+        for slot in _reads(op):
+            readers.setdefault(slot, []).append(op)
+    out = list(ops)
+    for i, op in enumerate(ops):
+        after = readers.get(getattr(op, "out", None), [])
+        if (isinstance(op, RequantOp) and len(op.terms) == 1 and not op.sign
+                and len(after) == 1 and isinstance(after[0], MaxPoolOp)):
+            pool = after[0]
+            pooled = f"{pool.out}:accumulator"
+            out[i] = replace(pool, out=pooled, inp=op.terms[0].slot)
+            out[next(j for j, o in enumerate(ops) if o is pool)] = replace(op, out=pool.out,
+                                           terms=(replace(op.terms[0], slot=pooled),))
+    return tuple(out)
+
+
+def _last_uses(ops: tuple) -> list[list[str]]:
+    """For each op, the slots no later op reads."""
+    last: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        for slot in _reads(op):
+            last[slot] = i
+    dead: list[list[str]] = [[] for _ in ops]
+    for slot, i in last.items():
+        dead[i].append(slot)
+    return dead
+
+
+def slot_bounds(program: Program) -> dict[str, int | None]:
+    """A bound on ``max |v|`` of every slot the executor holds, from the program alone (None
+    where it depends on the input size: the global sum pool)."""
+    bounds: dict[str, int | None] = {}
+    for op in program.ops:
+        if isinstance(op, InputOp):
+            zp = op.zero_point.abs().max()
+            bounds[op.out] = int(max(255 - op.zero_point.min(), zp))
+        elif isinstance(op, (ConvOp, LinearOp)):
+            inp = bounds[op.inp]
+            bounds[op.out] = None if inp is None else (
+                (inp + abs(op.in_zero_point)) * _row_abs_sum(op.weight) + _abs_max(op.bias))
+        elif isinstance(op, RequantOp):
+            bounds[op.out] = 1 if op.sign else max(abs(op.lo), abs(op.hi))
+        elif isinstance(op, ReluOp):
+            inp = bounds[op.inp]
+            bounds[op.out] = None if inp is None else max(inp, abs(op.zero_point))
+        elif isinstance(op, (MaxPoolOp, FlattenOp)):
+            bounds[op.out] = bounds[op.inp]
+        elif isinstance(op, SumPoolOp):
+            bounds[op.out] = None
+    return bounds
 
 
 def execute(program: Program, codes: torch.Tensor, keep: bool = False) -> dict[str, torch.Tensor]:
