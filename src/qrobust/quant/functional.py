@@ -20,8 +20,18 @@ def round_half_up(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5)
 
 
+def tracks_grad(x: torch.Tensor) -> bool:
+    """Whether autograd records operations on ``x`` (else in-place arithmetic is safe)."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half up in the forward pass, identity gradient in the backward pass."""
+    """Round half up in the forward pass, identity gradient in the backward pass.
+
+    ``x + (r - x)`` equals ``r`` exactly (``r - x`` is exact by Sterbenz's lemma, or ``-x``
+    when ``r = 0``), so without autograd the rounding alone gives the same values."""
+    if not tracks_grad(x):
+        return round_half_up(x)
     return x + (round_half_up(x) - x).detach()
 
 
@@ -55,13 +65,17 @@ def quantize_codes(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_p
         soft = v.clamp(-1.0, 1.0)
         return soft + (torch.where(v >= 0, 1.0, -1.0).to(x.dtype) - soft).detach()
     stochastic = spec.rounding == "stochastic" and generator is not None
+    if not stochastic and not tracks_grad(v):  # the same values, in place on the new tensor v
+        return v.add_(0.5).floor_().add_(z).clamp_(spec.qmin, spec.qmax)
     r = stochastic_round(v, generator) if stochastic else round_ste(v)
     return torch.clamp(r + z, spec.qmin, spec.qmax)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """``(q - z) * s`` with per-channel parameters along axis 0."""
-    return (codes - _broadcast(zero_point, codes)) * _broadcast(scale, codes)
+    centred = codes - _broadcast(zero_point, codes)
+    s = _broadcast(scale, codes)
+    return centred * s if tracks_grad(centred) else centred.mul_(s)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor,

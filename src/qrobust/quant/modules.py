@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qrobust.errors import ConfigError
-from qrobust.quant.functional import fake_quantize, quantize_codes, round_half_up, round_ste
+from qrobust.quant.functional import (
+    fake_quantize,
+    quantize_codes,
+    round_half_up,
+    round_ste,
+    tracks_grad,
+)
 from qrobust.quant.observers import observe
 from qrobust.quant.spec import QuantSpec
 
@@ -149,8 +155,11 @@ class _WeightQuant:
         2^-30; float32 here would flip roundings about 1e-5 of the time)."""
         shape = (1, -1, *([1] * (acc.ndim - 2)))
         acc = acc.double()
-        if self.bias is not None:
-            b = self.bias.double() / s_acc
+        b = None if self.bias is None else self.bias.double() / s_acc
+        if not tracks_grad(acc) and not (b is not None and tracks_grad(b)):  # same values, in place
+            acc = acc if b is None else acc.add_(round_half_up(b).view(shape))
+            return acc.mul_(s_acc.view(shape))
+        if b is not None:
             acc = acc + (b + (round_half_up(b) - b).detach()).view(shape)
         return acc * s_acc.view(shape)
 
