@@ -121,7 +121,7 @@ def demo_config() -> dict:
     eps = [0, "4/255", "8/255", "16/255", "32/255", "64/255"]
     return {
         "name": "demo",
-        "data": {"dataset": "digits", "n_test": 150},
+        "data": {"dataset": "digits", "n_test": 100},
         "models": [{"name": "small-cnn", "arch": "small-cnn", "train": {"epochs": 12}}],
         "recipes": ["fp32", "w8a8", "w4a4", "w2a2"],
         "defenses": ["none", {"name": "mc-dropout", "params": {"rate": 0.2, "passes": 2}}],
