@@ -126,7 +126,7 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
     bound below is small, else float64; unit roundoff u). ``p`` is within
     ``err = (k + 3) u (span + 1)`` of the exact sum ``t`` of k terms, where ``span`` bounds
     ``sum_t |v_t - z_t| m_t 2^-S`` (E). For one term the error is relative (<= 2.01 u |t|), so
-    ``span`` may be ``R = max(hi - z, z - lo) + 2`` instead: any ``|p| > R`` is clamped to the
+    ``span`` may be ``R = max(hi - z, z - lo) + 3`` instead: any ``|p| > R`` is clamped to the
     same end as ``t``. Wherever ``p`` lies within ``2 err`` of a rounding boundary (for the sign:
     of 0), that element is recomputed in int64: the result is the exact fixed-point one.
     ``values``: same-shape tensors holding integers; ``bounds``: a known bound on each one's
@@ -213,14 +213,13 @@ class _Executor:
 
     def __init__(self, program: Program) -> None:
         self.program = program
-        self.bounds = slot_bounds(program)
         self.weights = {op.out: (op.weight.float(), op.weight.double(), op.bias.float(),
                                  op.bias.double(), _row_abs_sum(op.weight), _abs_max(op.bias))
                         for op in program.ops if isinstance(op, (ConvOp, LinearOp))}
         self.fast_ops = _pool_before_requant(program.ops)  # for the logits alone
         self.scales = {op.out: requant_scales(op) for op in program.ops + self.fast_ops
                        if isinstance(op, RequantOp)}
-        self.bounds.update(slot_bounds(Program(self.fast_ops, program.input_shape, {})))
+        self.bounds = _bounds(program.ops + self.fast_ops)  # the pooled accumulators too
         self.dead = _last_uses(self.fast_ops)
         self.kernels = {InputOp: self.input, ConvOp: self.conv, LinearOp: self.linear,
                         RequantOp: self.requant, MaxPoolOp: self.maxpool, SumPoolOp: self.sumpool,
@@ -297,6 +296,7 @@ def _pool_before_requant(ops: tuple) -> tuple:
     for op in ops:
         for slot in _reads(op):
             readers.setdefault(slot, []).append(op)
+    position = {id(op): i for i, op in enumerate(ops)}
     out = list(ops)
     for i, op in enumerate(ops):
         after = readers.get(getattr(op, "out", None), [])
@@ -305,8 +305,8 @@ def _pool_before_requant(ops: tuple) -> tuple:
             pool = after[0]
             pooled = f"{pool.out}:accumulator"
             out[i] = replace(pool, out=pooled, inp=op.terms[0].slot)
-            out[next(j for j, o in enumerate(ops) if o is pool)] = replace(op, out=pool.out,
-                                           terms=(replace(op.terms[0], slot=pooled),))
+            term = replace(op.terms[0], slot=pooled)
+            out[position[id(pool)]] = replace(op, out=pool.out, terms=(term,))
     return tuple(out)
 
 
@@ -325,8 +325,12 @@ def _last_uses(ops: tuple) -> list[list[str]]:
 def slot_bounds(program: Program) -> dict[str, int | None]:
     """A bound on ``max |v|`` of every slot the executor holds, from the program alone (None
     where it depends on the input size: the global sum pool)."""
+    return _bounds(program.ops)
+
+
+def _bounds(ops: tuple) -> dict[str, int | None]:
     bounds: dict[str, int | None] = {}
-    for op in program.ops:
+    for op in ops:
         if isinstance(op, InputOp):
             zp = op.zero_point.abs().max()
             bounds[op.out] = int(max(255 - op.zero_point.min(), zp))

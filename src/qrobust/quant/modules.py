@@ -22,7 +22,6 @@ from qrobust.errors import ConfigError
 from qrobust.quant.functional import (
     fake_quantize,
     quantize_codes,
-    round_half_up,
     round_ste,
     tracks_grad,
 )
@@ -155,13 +154,11 @@ class _WeightQuant:
         2^-30; float32 here would flip roundings about 1e-5 of the time)."""
         shape = (1, -1, *([1] * (acc.ndim - 2)))
         acc = acc.double()
-        b = None if self.bias is None else self.bias.double() / s_acc
-        if not tracks_grad(acc) and not (b is not None and tracks_grad(b)):  # same values, in place
-            acc = acc if b is None else acc.add_(round_half_up(b).view(shape))
-            return acc.mul_(s_acc.view(shape))
-        if b is not None:
-            acc = acc + (b + (round_half_up(b) - b).detach()).view(shape)
-        return acc * s_acc.view(shape)
+        if self.bias is not None:
+            b = round_ste(self.bias.double() / s_acc).view(shape)
+            acc = acc + b if tracks_grad(acc) or tracks_grad(b) else acc.add_(b)
+        s = s_acc.view(shape)
+        return acc * s if tracks_grad(acc) else acc.mul_(s)  # in place: the same values
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the weights: (O,) per channel or scalars."""
