@@ -8,7 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qrobust.quant import QuantSpec, fake_quantize, round_ste, stochastic_round
-from qrobust.quant.functional import qparams_from_range, quantize_codes
+from qrobust.quant.functional import (
+    codes_ste,
+    qparams_from_range,
+    quantize_codes,
+    scale_accumulator,
+)
 
 floats = st.floats(-50, 50, allow_nan=False, width=32)
 
@@ -97,3 +102,78 @@ def test_stochastic_fake_quantize_needs_generator_and_is_unbiased(bits):
     sto = fake_quantize(x, spec, s, z, torch.Generator().manual_seed(0))
     assert set((sto / 0.2).round().unique().tolist()) <= {0.0, 1.0}
     assert abs(sto.mean().item() - 0.123) < 5 * 0.2 * math.sqrt(0.615 * 0.385 / x.numel())
+
+
+def _unfused_fake_quantize(x, s, z, qmin, qmax):
+    """The STE graph written out with autograd's own ops: the oracle of the fused function."""
+    return (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("signed,symmetric,per_channel",
+                         [(True, True, False), (True, False, True), (False, True, True)])
+def test_fused_fake_quantize_matches_the_unfused_graph(dtype, signed, symmetric, per_channel):
+    g = torch.Generator().manual_seed(5)
+    spec = QuantSpec(4, signed=signed, symmetric=symmetric)
+    x = torch.randn(6, 3, 5, generator=g, dtype=dtype) * 2
+    lo, hi = (x.amin((1, 2)), x.amax((1, 2))) if per_channel else (x.min(), x.max())
+    s, z = qparams_from_range(lo * 0.7, hi * 0.7, spec)  # some values clip
+    sb = (s.view(-1, 1, 1) if per_channel else s).to(dtype)
+    zb = (z.view(-1, 1, 1) if per_channel else z).to(dtype)
+    x[0, 0, :3] = (torch.tensor([-1.5, 0.5, 2.5], dtype=dtype) * sb.flatten()[0])  # exact ties
+    x[1, 0, :2] = (torch.tensor([spec.qmin, spec.qmax], dtype=dtype) - zb.flatten()[-1]) * sb.flatten()[-1]
+    fused_x = x.clone().requires_grad_()
+    fused = fake_quantize(fused_x, spec, s, z)
+    oracle_x = x.clone().requires_grad_()
+    oracle = _unfused_fake_quantize(oracle_x, sb, zb, spec.qmin, spec.qmax)
+    with torch.no_grad():
+        plain = fake_quantize(x, spec, s, z)
+    assert fused.grad_fn is not None and "FakeQuant" in type(fused.grad_fn).__name__
+    assert torch.equal(fused.detach(), oracle.detach()) and torch.equal(plain, oracle.detach())
+    upstream = torch.randn(x.shape, generator=g, dtype=dtype)
+    fused.backward(upstream)
+    oracle.backward(upstream)
+    assert torch.allclose(fused_x.grad, oracle_x.grad, rtol=1e-6, atol=0)
+    assert (fused_x.grad == 0).any() and (fused_x.grad != 0).any()  # both sides of the clip
+
+
+def test_codes_ste_matches_round_ste():
+    g = torch.Generator().manual_seed(6)
+    s = torch.tensor(0.037)
+    x = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    x[0, :2] = torch.tensor([0.5, -2.5], dtype=torch.float64) * s.double()  # ties
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused = codes_ste(a, s, torch.float32)
+    oracle = round_ste(b / s.double()).to(torch.float32)
+    assert fused.dtype == torch.float32 and torch.equal(fused.detach(), oracle.detach())
+    with torch.no_grad():
+        assert torch.equal(codes_ste(x, s, torch.float32), oracle.detach())
+    upstream = torch.randn(x.shape, generator=g)
+    fused.backward(upstream)
+    oracle.backward(upstream)
+    assert a.grad.dtype == torch.float64 and torch.allclose(a.grad, b.grad, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_scale_accumulator_matches_the_unfused_graph(with_bias):
+    g = torch.Generator().manual_seed(7)
+    acc = torch.randint(-500, 500, (3, 4, 2, 2), generator=g).float()
+    bias = torch.randint(-50, 50, (1, 4, 1, 1), generator=g).double() if with_bias else None
+    s = torch.rand(1, 4, 1, 1, generator=g, dtype=torch.float64) * 1e-3
+    leaves = [acc.clone().requires_grad_(), None if bias is None else bias.clone().requires_grad_()]
+    oracle_leaves = [t if t is None else t.clone().detach().requires_grad_() for t in leaves]
+    fused = scale_accumulator(leaves[0], leaves[1], s)
+    oracle_acc = oracle_leaves[0].double()
+    oracle = (oracle_acc + oracle_leaves[1] if with_bias else oracle_acc) * s
+    with torch.no_grad():
+        assert torch.equal(scale_accumulator(acc, bias, s), oracle.detach())
+    assert fused.dtype == torch.float64 and torch.equal(fused.detach(), oracle.detach())
+    upstream = torch.randn(fused.shape, generator=g, dtype=torch.float64)
+    fused.backward(upstream)
+    oracle.backward(upstream)
+    for mine, theirs in zip(leaves, oracle_leaves, strict=True):
+        if mine is not None:
+            assert mine.grad.dtype == theirs.grad.dtype
+            assert torch.allclose(mine.grad, theirs.grad, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="constant"):
+        scale_accumulator(acc, bias, s.clone().requires_grad_())

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from qrobust.quant import OBSERVERS, QuantSpec, fake_quantize, observe
+from qrobust.quant import OBSERVERS, QuantSpec, fake_quantize, observe, observers
+from qrobust.quant.functional import qparams_from_range
 
 
 def _data(n=5000, seed=0):
@@ -67,3 +68,34 @@ def test_per_channel_and_fixed_clip_and_sign():
     assert torch.allclose(s, w.abs().mean(dim=(1, 2, 3)))  # XNOR-Net scale
     s, _ = observe(torch.zeros(1), QuantSpec(4, signed=False, clip=6.0, granularity="tensor"))
     assert torch.isclose(s, torch.tensor(6 / 15))  # ReLU6 quantizer
+
+
+def _sequential_mse(rows, spec, grid):
+    """The MSE search one shrink at a time, keeping the first best: the observer's oracle."""
+    lo, hi = rows.amin(1), rows.amax(1)
+    best_err = torch.full_like(lo, float("inf"))
+    best_s, best_z = torch.zeros_like(lo), torch.zeros_like(lo)
+    for i in range(grid):
+        shrink = 1.0 - i / grid
+        s, z = qparams_from_range(lo * shrink, hi * shrink, spec)
+        err = (fake_quantize(rows, spec, s, z) - rows).pow(2).mean(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+@pytest.mark.parametrize("block", [2**22, 1000])  # one pass, and one grid point per pass
+@pytest.mark.parametrize("signed,symmetric", [(True, True), (True, False), (False, True)])
+def test_mse_search_equals_the_sequential_search(monkeypatch, block, signed, symmetric):
+    monkeypatch.setattr(observers, "MSE_BLOCK", block)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 2000, generator=g) * torch.rand(8, 1, generator=g) * 3
+    w[0] = torch.randn(2000, generator=g)
+    w[0, 0] = 8.0  # an outlier: the best range is well inside [min, max]
+    w = w if signed else w.abs()
+    spec = QuantSpec(3, signed=signed, symmetric=symmetric, observer="mse")
+    s, z = observe(w, spec)
+    s_ref, z_ref = _sequential_mse(w, spec, observers.MSE_GRID)
+    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
+    assert s[0] < w[0].abs().max() / spec.qmax * 0.9  # the outlier row was shrunk

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from qrobust.errors import QrobustError
+from qrobust.hardware import keep_large_allocations
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Adversarial robustness of quantized neural networks.")
@@ -52,6 +53,7 @@ def _register_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_large_allocations()  # torch on CPU: large tensors from the heap, not fresh mmap pages
     _register_commands()
     try:
         result = app(args=argv, prog_name="qrobust", standalone_mode=False)

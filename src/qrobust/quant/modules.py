@@ -20,10 +20,11 @@ from torch import nn
 
 from qrobust.errors import ConfigError
 from qrobust.quant.functional import (
+    codes_ste,
     fake_quantize,
     quantize_codes,
     round_ste,
-    tracks_grad,
+    scale_accumulator,
 )
 from qrobust.quant.observers import observe
 from qrobust.quant.spec import QuantSpec
@@ -145,7 +146,7 @@ class _WeightQuant:
         w_codes = quantize_codes(self.weight, self.wspec, scale, zero, gen)
         w_codes = w_codes - zero.view(-1, *([1] * (w_codes.ndim - 1))) if zero.ndim else w_codes - zero
         s_acc = (scale.double() * s_x.double()).expand(self.weight.shape[0])
-        x_codes = round_ste(x / s_x.to(x.dtype)).to(self.weight.dtype)
+        x_codes = codes_ste(x, s_x, self.weight.dtype)
         return x_codes, w_codes, s_acc
 
     def _finish(self, acc: torch.Tensor, s_acc: torch.Tensor) -> torch.Tensor:
@@ -153,12 +154,8 @@ class _WeightQuant:
         exact accumulator value (the integer model's fixed-point multiplier is accurate to
         2^-30; float32 here would flip roundings about 1e-5 of the time)."""
         shape = (1, -1, *([1] * (acc.ndim - 2)))
-        acc = acc.double()
-        if self.bias is not None:
-            b = round_ste(self.bias.double() / s_acc).view(shape)
-            acc = acc + b if tracks_grad(acc) or tracks_grad(b) else acc.add_(b)
-        s = s_acc.view(shape)
-        return acc * s if tracks_grad(acc) else acc.mul_(s)  # in place: the same values
+        b = None if self.bias is None else round_ste(self.bias.double() / s_acc).view(shape)
+        return scale_accumulator(acc, b, s_acc.view(shape))
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the weights: (O,) per channel or scalars."""

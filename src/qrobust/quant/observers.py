@@ -16,13 +16,14 @@ from collections.abc import Callable
 
 import torch
 
-from qrobust.quant.functional import fake_quantize, qparams_from_range
+from qrobust.quant.functional import qparams_from_range
 from qrobust.quant.spec import QuantSpec
 from qrobust.registry import Registry
 
 Observer = Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor]]
 OBSERVERS: Registry[Observer] = Registry("observer")
 MSE_GRID = 64
+MSE_BLOCK = 2**22  # elements of one pass of the MSE search (16 MB)
 
 
 def _rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -61,17 +62,23 @@ def percentile(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Te
 @OBSERVERS.register("mse")
 def mse(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     rows = _rows(x, spec)
-    lo, hi = rows.amin(1), rows.amax(1)
-    best_err = torch.full_like(lo, float("inf"))
-    best_s, best_z = qparams_from_range(lo, hi, spec)
-    for i in range(MSE_GRID):
-        shrink = 1.0 - i / MSE_GRID
-        s, z = qparams_from_range(lo * shrink, hi * shrink, spec)
-        err = (fake_quantize(rows, spec, s, z) - rows).pow(2).mean(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-    return _squeeze(best_s, spec), _squeeze(best_z, spec)
+    shrink = 1.0 - torch.arange(MSE_GRID, dtype=torch.float32) / MSE_GRID
+    s, z = qparams_from_range(rows.amin(1, keepdim=True) * shrink,
+                              rows.amax(1, keepdim=True) * shrink, spec)  # (C, MSE_GRID)
+    step = max(1, MSE_BLOCK // rows.numel())  # grid points per pass
+    err = torch.cat([_squared_error(rows, s[:, i:i + step], z[:, i:i + step], spec)
+                     for i in range(0, MSE_GRID, step)], dim=1)
+    best = err.argmin(1, keepdim=True)  # the first minimum: the widest of equally good ranges
+    return _squeeze(s.gather(1, best)[:, 0], spec), _squeeze(z.gather(1, best)[:, 0], spec)
+
+
+def _squared_error(rows: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                   spec: QuantSpec) -> torch.Tensor:
+    """Mean squared fake-quantization error of each row (C, n) under each of its candidate
+    qparams (C, k): (C, k), computed in place on one (C, k, n) tensor."""
+    s, z = s[:, :, None], z[:, :, None]
+    q = (rows[:, None, :] / s).add_(0.5).floor_().add_(z).clamp_(spec.qmin, spec.qmax)
+    return q.sub_(z).mul_(s).sub_(rows[:, None, :]).square_().mean(2)
 
 
 def observe(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
