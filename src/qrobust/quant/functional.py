@@ -68,10 +68,7 @@ class _CodesSTE(torch.autograd.Function):
 def codes_ste(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``round_ste(x / scale)`` as ``dtype``: a quantized activation's integer codes, with
     the gradient ``1 / scale`` (``scale`` a constant scalar)."""
-    s = scale.to(x.dtype)
-    if not tracks_grad(x):
-        return (x / s).add_(0.5).floor_().to(dtype)
-    return _CodesSTE.apply(x, s, dtype)
+    return _CodesSTE.apply(x, scale.to(x.dtype), dtype)  # no graph when x needs no gradient
 
 
 class _ScaleAccumulator(torch.autograd.Function):
@@ -80,7 +77,7 @@ class _ScaleAccumulator(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acc, b, s):  # type: ignore[override]
         ctx.s, ctx.acc_dtype, ctx.has_b = s, acc.dtype, b is not None
-        out = acc.double()
+        out = acc.to(torch.float64, copy=True)  # a copy even of float64: acc is an input
         return (out.add_(b) if b is not None else out).mul_(s)
 
     @staticmethod
@@ -95,12 +92,9 @@ def scale_accumulator(acc: torch.Tensor, bias_codes: torch.Tensor | None,
                       s: torch.Tensor) -> torch.Tensor:
     """``(acc + bias_codes) * s`` in float64: an integer accumulator (N, C, ...) with its int32
     bias codes, as real values (``bias_codes`` and ``s`` shaped (1, C, 1, ...), ``s``
-    constant). Without autograd, in place on the float64 copy: the same values."""
+    constant); no graph when neither input needs a gradient."""
     if s.requires_grad:
         raise ValueError("the accumulator scale must be a constant")
-    if not (tracks_grad(acc) or bias_codes is not None and tracks_grad(bias_codes)):
-        out = acc.double()
-        return (out.add_(bias_codes) if bias_codes is not None else out).mul_(s)
     return _ScaleAccumulator.apply(acc, bias_codes, s)
 
 

@@ -75,7 +75,9 @@ def mse(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
 def _squared_error(rows: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                    spec: QuantSpec) -> torch.Tensor:
     """Mean squared fake-quantization error of each row (C, n) under each of its candidate
-    qparams (C, k): (C, k), computed in place on one (C, k, n) tensor."""
+    qparams (C, k): (C, k), computed in place on one (C, k, n) tensor (``fake_quantize``'s
+    formula written in place: through ``fake_quantize`` the search takes 1.8x as long, and
+    QAT observes the weights at every step)."""
     s, z = s[:, :, None], z[:, :, None]
     q = (rows[:, None, :] / s).add_(0.5).floor_().add_(z).clamp_(spec.qmin, spec.qmax)
     return q.sub_(z).mul_(s).sub_(rows[:, None, :]).square_().mean(2)
