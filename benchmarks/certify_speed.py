@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     from qrobust.certify import GaussianNoise, Smoothed
     from qrobust.certify.build import holds_for, image_generator, noisy_classifier
     from qrobust.checkpoint import load_checkpoint
-    from qrobust.cli.certify_cmds import select_indices
     from qrobust.data import load_dataset, take
+    from qrobust.eval.certification import select_indices
     from qrobust.hardware import cpu_info, keep_large_allocations
 
     # as the command line runs: torch's float batches (65 MB activations) from the heap, not

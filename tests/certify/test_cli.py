@@ -82,6 +82,9 @@ def test_certify_integer_only(ckpt, tmp_path, capsys, integer_input):
     (["--device", "gpu"], "not a torch device"),
     (["--integer", "--device", "cuda"], "--device applies to float smoothing"),
     (["--integer", "--integer-input", "huge"], "unknown integer input 'huge'"),
+    (["--executor", "dask"], "unknown certification executor 'dask'"),
+    (["--workers", "2"], "--address and --workers are for --executor ray"),
+    (["--executor", "ray", "--workers", "0"], "--workers must be >= 1"),
 ])
 def test_bad_arguments_give_one_line_errors(ckpt, tmp_path, capsys, args, message):
     assert _run(ckpt, tmp_path / "bad", "--limit", "1", *args) == 2

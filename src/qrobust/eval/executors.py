@@ -3,7 +3,8 @@
 * ``local`` (default): one process, cells in plan order (adjacent cells share models and
   clean predictions), a tqdm progress bar.
 * ``ray``: one Ray task per cell (``pip install qrobust[ray]``); ``address`` joins an
-  existing cluster, else a local Ray instance is started. Float / QAT models are trained
+  existing cluster, else a local Ray instance is started that does not outlive this process
+  (:mod:`qrobust.eval.ray_session`). Float / QAT models are trained
   on the driver before the fan-out and saved under ``<out>/models``, so workers only load
   them; each worker keeps its own :class:`~qrobust.eval.grid.Workbench`. Cell seeds come
   from the cell keys, so the numbers equal the local executor's.
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrobust.config import StudyConfig
-from qrobust.errors import ConfigError
 from qrobust.eval.grid import TABLE, Cell, Workbench, evaluate_cell, plan
 from qrobust.eval.store import ResultStore
 from qrobust.progress import bar as progress_bar
@@ -64,11 +64,14 @@ def _remote_cell(study_json: dict, out: str, index: int) -> tuple[int, dict, lis
     """Ray task body: rebuild the study, reuse this worker's Workbench, evaluate one cell."""
     import torch
 
+    from qrobust.hardware import keep_large_allocations
+
     torch.set_num_threads(1)
     study = StudyConfig.model_validate(study_json)
     cell = plan(study)[index]
     key = f"{out}:{study.model_dump_json()}"
     if key not in _WORKER_BENCH:
+        keep_large_allocations()  # a worker is a qrobust process, like the command line
         _WORKER_BENCH.clear()
         _WORKER_BENCH[key] = Workbench(study, out)
     metrics, warnings = evaluate_cell(_WORKER_BENCH[key], cell)
@@ -78,33 +81,23 @@ def _remote_cell(study_json: dict, out: str, index: int) -> tuple[int, dict, lis
 @EXECUTORS.register("ray")
 def run_ray(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink, progress: bool | None = None,
             address: str | None = None, num_cpus: int | None = None, **_: object) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--executor ray needs Ray: pip install 'qrobust[ray]'") from None
+    from qrobust.eval.ray_session import ray_session
+
     Workbench(study, out, progress=progress).prepare(cells)  # train once, on the driver
-    started = not ray.is_initialized()
-    if started:
-        kwargs = {"address": address} if address else {"num_cpus": num_cpus,
-                                                       "include_dashboard": False}
-        ray.init(log_to_driver=False, **kwargs)
-    try:
+    with ray_session(address, num_cpus) as session:
+        ray = session["ray"]
         task = ray.remote(num_cpus=1)(_remote_cell)
         index = {c.key: i for i, c in enumerate(plan(study))}
         study_json = study.model_dump(mode="json")
         pending = [task.remote(study_json, str(out), index[c.key]) for c in cells]
         by_index = {index[c.key]: c for c in cells}
-        bar = progress_bar(total=len(cells), desc=f"study {study.name} (ray)", unit="cell",
-                           progress=progress, leave=True)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            i, metrics, warnings = ray.get(done[0])
-            sink(by_index[i], metrics, warnings)
-            bar.update(1)
-        bar.close()
-    finally:
-        if started:
-            ray.shutdown()
+        with progress_bar(total=len(cells), desc=f"study {study.name} (ray)", unit="cell",
+                          progress=progress, leave=True) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                i, metrics, warnings = ray.get(done[0])
+                sink(by_index[i], metrics, warnings)
+                bar.update(1)
 
 
 def run_study(study: StudyConfig, out: str | Path, executor: str = "local",
