@@ -16,6 +16,14 @@ Cases
   prefix: pure batching). Against a randomized model our loop never stops early, so both
   sides do the same number of steps on every point.
 - robust accuracies are single forward passes of the (random) model on the returned points.
+- the work each side does: our loop evaluates steps + 1 points (the last one without a
+  gradient, to keep the best iterate, not the last), torchattacks steps; every PGD row holds
+  the median seconds of one forward+backward and of one no-grad forward of the batch, and the
+  ratio that work alone predicts, 10 fb / (10 fb + f), so the loop's own overhead is the
+  difference between that and the measured ratio.
+- ``--allocator tuned`` (default) keeps large allocations on glibc's heap, as the command
+  line does (:func:`qrobust.hardware.keep_large_allocations`); both sides run in the same
+  process, so it speeds them alike.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/attack_speed.py [--repeats 5] [--device cpu]
 """
@@ -105,11 +113,30 @@ def robust_acc(model, x_adv, y, passes: int = 5) -> float:
                    for _ in range(passes)) / passes
 
 
+def pass_costs(model, x, y, repeats: int) -> dict:
+    """Median seconds of one forward+backward (input gradient) and one no-grad forward."""
+    def fb():
+        xg = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(xg), y)
+        torch.autograd.grad(loss, xg)
+
+    def f():
+        with torch.no_grad():
+            model(x)
+
+    fb(), f()
+    t_fb = statistics.median(timed(fb)[0] for _ in range(repeats))
+    t_f = statistics.median(timed(f)[0] for _ in range(repeats))
+    return {"forward_backward_s": t_fb, "forward_s": t_f,
+            "work_predicted_ratio_equal_steps": 10 * t_fb / (10 * t_fb + t_f)}
+
+
 def pgd_rows(label: str, case, eps: float, alpha: float, repeats: int, dev) -> list[dict]:
     import torchattacks
 
     model, x, y, info = case
     model, x, y = model.to(dev), x.to(dev), y.to(dev)
+    costs = pass_costs(model, x, y, max(3, repeats))
     ta = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=10, random_start=True)
     # early stopping only means something for a trained model
     modes = (True, False) if info["model"].startswith("trained") else (False,)
@@ -117,13 +144,13 @@ def pgd_rows(label: str, case, eps: float, alpha: float, repeats: int, dev) -> l
     for early in modes:
         ours = PGD(model, ThreatModel("linf", eps), steps=10, alpha=alpha, early_stop=early)
         gen = torch.Generator(device=dev).manual_seed(0)
-        rows.append(compare(f"PGD-10 {label} batch {len(y)} early_stop={early}",
-                            lambda a, b, ours=ours, gen=gen: ours(a, b, gen), ta, repeats,
-                            model, x, y))
+        rows.append({**compare(f"PGD-10 {label} batch {len(y)} early_stop={early}",
+                               lambda a, b, ours=ours, gen=gen: ours(a, b, gen), ta, repeats,
+                               model, x, y), **costs})
     return rows
 
 
-def eot_rows(case, batch: int, repeats: int, dev) -> list[dict]:
+def eot_rows(case, batch: int, repeats: int, dev, chunk: str = "auto") -> list[dict]:
     import torchattacks
 
     model, x, y, info = case
@@ -131,13 +158,16 @@ def eot_rows(case, batch: int, repeats: int, dev) -> list[dict]:
     rows = []
     for placement in ("classifier", "relu"):
         noisy = insert_dropout(model, 0.2, placement).to(dev)
-        label = f"EOT-PGD-10 x10 small-cnn/mnist dropout@{placement} batch {len(y)}"
+        label = f"EOT-PGD-10 x10 small-cnn/mnist dropout@{placement} batch {len(y)} chunk={chunk}"
         ta = torchattacks.EOTPGD(noisy, eps=0.3, alpha=0.03, steps=10, eot_iter=10)
         # with a randomized model our loop attacks every point for all steps (no early stop)
-        ours = PGD(noisy, ThreatModel("linf", 0.3), steps=10, alpha=0.03, estimator=EOT(10))
+        est = EOT(10, chunk="auto" if chunk == "auto" else 10)
+        ours = PGD(noisy, ThreatModel("linf", 0.3), steps=10, alpha=0.03, estimator=est)
         gen = torch.Generator(device=dev).manual_seed(0)
-        rows.append(compare(label, lambda a, b, ours=ours, gen=gen: ours(a, b, gen), ta, repeats,
-                            noisy, x, y))
+        row = compare(label, lambda a, b, ours=ours, gen=gen: ours(a, b, gen), ta, repeats,
+                      noisy, x, y)
+        rows.append({**row, "eot_draws_per_pass": est._chunks.get((id(noisy), tuple(x.shape)))
+                     if chunk == "auto" else 10})
     return rows
 
 
@@ -151,8 +181,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--parts", default="pgd-mnist,pgd-cifar,eot",
                     help="comma list of pgd-mnist, pgd-cifar, eot")
+    ap.add_argument("--eot-chunk", choices=("auto", "all"), default="auto",
+                    help="our EOT's draws per pass: auto (default) or all 10 at once")
+    ap.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                    help="tuned: large allocations kept on the heap, as the command line does")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
+    if args.allocator == "tuned":
+        from qrobust.hardware import keep_large_allocations
+
+        keep_large_allocations()
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
     dev = torch.device(args.device)
     parts = set(args.parts.split(","))
@@ -167,12 +205,14 @@ def main() -> None:
         cases["resnet20/cifar10"] = cifar[3]
         rows += pgd_rows("resnet20/cifar10", cifar, 8 / 255, 2 / 255, args.repeats, dev)
     if "eot" in parts:
-        rows += eot_rows(mnist, args.eot_batch, args.repeats, dev)
+        rows += eot_rows(mnist, args.eot_batch, args.repeats, dev, args.eot_chunk)
     result = {
         "description": __doc__.strip().splitlines()[0],
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} .venv/bin/python "
                    f"benchmarks/attack_speed.py --repeats {args.repeats} --batch {args.batch} "
-                   f"--eot-batch {args.eot_batch} --device {args.device} --parts {args.parts}",
+                   f"--eot-batch {args.eot_batch} --device {args.device} --parts {args.parts} "
+                   f"--allocator {args.allocator} --eot-chunk {args.eot_chunk}",
+        "allocator": args.allocator,
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "threads": torch.get_num_threads(), "repeats": args.repeats,
         "torch": torch.__version__, "torchattacks": torchattacks.__version__,

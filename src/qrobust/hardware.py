@@ -86,6 +86,10 @@ def cpu_info() -> CpuInfo:
 
 
 LARGE_ALLOCATION_BYTES = 1 << 30
+# glibc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit): by default a
+# block over this size is always a fresh mapping
+GLIBC_MMAP_MAX_BYTES = 32 << 20
+_kept: list[int] = []  # the threshold keep_large_allocations set in this process, if any
 
 
 def keep_large_allocations(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
@@ -100,5 +104,18 @@ def keep_large_allocations(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
     except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, threshold)) and \
+    ok = bool(libc.mallopt(m_mmap_threshold, threshold)) and \
         bool(libc.mallopt(m_trim_threshold, 2 * threshold))
+    if ok:
+        _kept[:] = [threshold]
+    return ok
+
+
+def fresh_mapping_bytes() -> int | None:
+    """Size above which this process's allocator maps every block afresh: glibc's default, or
+    what :func:`keep_large_allocations` set; None without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return _kept[0] if _kept else GLIBC_MMAP_MAX_BYTES

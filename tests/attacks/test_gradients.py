@@ -10,6 +10,7 @@ from torch import nn
 from qrobust.attacks import BPDA, EOT, Autograd, Temperature, auto_estimator
 from qrobust.attacks.gradients import (
     _Replicated,
+    draws_per_pass,
     global_temperature,
     hessian_proxy,
     hessian_temperature,
@@ -92,6 +93,41 @@ def test_eot_chunks_give_the_same_result_on_deterministic_models():
     torch.testing.assert_close(chunked.loss, whole.loss)
     with pytest.raises(ConfigError):
         EOT(0)
+
+
+def test_draws_per_pass_keeps_each_activation_under_the_fresh_mapping_size(monkeypatch):
+    import qrobust.hardware as hardware
+
+    monkeypatch.setattr(hardware, "fresh_mapping_bytes", lambda: 32 << 20)
+    assert draws_per_pass(10, 6_422_528) == 5  # 32 x 64 x 28 x 28 float32: five draws fit
+    assert draws_per_pass(10, 1 << 30) == 1 and draws_per_pass(10, 1000) == 10
+    assert draws_per_pass(10, 0) == 10
+    monkeypatch.setattr(hardware, "fresh_mapping_bytes", lambda: None)  # no glibc
+    assert draws_per_pass(10, 1 << 30) == 10
+
+
+def test_eot_auto_chunk_measures_the_first_pass_then_batches_what_fits(monkeypatch):
+    import qrobust.hardware as hardware
+
+    # one draw of 3 images: the random suffix's largest output is 3 x 12 float64 = 288 bytes
+    monkeypatch.setattr(hardware, "fresh_mapping_bytes", lambda: 600)
+    model = _net(drop=0.3, gen=torch.Generator().manual_seed(0))
+    seen = []
+    model[-1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    x, y = torch.rand(3, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    est = EOT(5)
+    first = est(model, x, _ce(y))
+    second = est(model, x, _ce(y))
+    assert seen == [15, 6, 6, 3]  # all 5 draws, then 2 + 2 + 1
+    assert first.draw_pred.shape == second.draw_pred.shape == (5, 3)
+    deterministic = _net()
+    chunked, whole = EOT(5), EOT(5, chunk=5)
+    for _ in range(2):
+        a, b = chunked(deterministic, x, _ce(y)), whole(deterministic, x, _ce(y))
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(a.loss, b.loss)
+    with pytest.raises(ConfigError, match="chunk"):
+        EOT(5, chunk=0)
 
 
 def test_bpda_is_the_gradient_at_the_filtered_point():

@@ -138,22 +138,60 @@ class _Replicated(nn.Module):
         return self.rest(h)
 
 
+class _LargestOutput:
+    """Forward hooks on every submodule of ``module``: the largest output seen, in bytes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.bytes = 0
+        self.handles = [m.register_forward_hook(self._hook) for m in module.modules()]
+
+    def _hook(self, module: nn.Module, inputs: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            self.bytes = max(self.bytes, out.numel() * out.element_size())
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def draws_per_pass(n: int, bytes_per_draw: int) -> int:
+    """How many of ``n`` draws to batch so that no activation is a block the allocator maps
+    afresh (and page-faults in, and unmaps) on every pass: measured on small-cnn with MC dropout
+    after every ReLU (EOT-10, 32 images, 1 thread), 10 draws per pass took 8.3 s against 5.6 s
+    in chunks of 5 (glibc's 32 MB default); with large allocations kept every chunk size ran
+    within 4 % of the others. Without glibc, all draws go in one pass."""
+    from qrobust.hardware import fresh_mapping_bytes
+
+    limit = fresh_mapping_bytes()
+    if limit is None or bytes_per_draw <= 0:
+        return n
+    return max(1, min(n, limit // bytes_per_draw))
+
+
 class EOT:
     """Expectation over Transformation (Athalye et al., arXiv 1802.00420): loss and gradient
-    averaged over ``n`` draws of a randomized model, all draws in one batch of n*B.
+    averaged over ``n`` draws of a randomized model, the draws batched into few passes.
 
-    ``chunk`` bounds the draws per forward pass (memory); the default runs all n at once.
-    The returned logits are log of the mean softmax over draws (the model's vote); the loop
-    counts a point as broken only when every draw is fooled (``Evaluation.draw_pred``)."""
+    ``chunk``: draws per forward pass. ``"auto"`` (default) runs all n draws in the first pass,
+    measures its largest activation, and from then on (per model and input shape) batches as
+    many draws as keep every activation under the size the allocator would map afresh
+    (:func:`draws_per_pass`): on small models that stays all n at once. The choice depends on
+    the model, the input shape and the allocator, never on timings, so seeded runs repeat
+    exactly. The returned logits are log of the mean softmax over draws (the model's vote); the
+    loop counts a point as broken only when every draw is fooled (``Evaluation.draw_pred``)."""
 
-    def __init__(self, n: int = 10, base: Autograd | None = None, chunk: int | None = None) -> None:
+    def __init__(self, n: int = 10, base: Autograd | None = None,
+                 chunk: int | Literal["auto"] = "auto") -> None:
         if n < 1:
             raise ConfigError(f"EOT needs n >= 1 draws, got {n}")
+        if chunk != "auto" and not (isinstance(chunk, int) and chunk >= 1):
+            raise ConfigError(f"EOT chunk must be 'auto' or an int >= 1, got {chunk!r}")
         self.n = int(n)
         self.base = base or Autograd()
-        self.chunk = chunk or self.n
+        self.chunk = chunk
         self.name = f"eot{self.n}+{self.base.name}"
         self._splits: dict[int, tuple] = {}
+        self._chunks: dict[tuple[int, tuple[int, ...]], int] = {}  # (model, x shape) -> draws
 
     def prepare(self, model: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         return self.base.prepare(model, x, y)
@@ -169,15 +207,26 @@ class EOT:
     def __call__(self, model: Callable, x: torch.Tensor, loss_fn: LossFn,
                  need_grad: bool = True) -> Evaluation:
         b, parts, done = x.shape[0], [], 0
+        key = (id(model), tuple(x.shape))
+        chunk = self.chunk if self.chunk != "auto" else self._chunks.get(key)
         while done < self.n:
-            n = min(self.chunk, self.n - done)
+            n = min(chunk or self.n, self.n - done)
             wrapped = self._wrapped(model, n)
 
             def mean_loss(logits: torch.Tensor, n: int = n) -> torch.Tensor:
                 draws = logits.view(n, b, -1)
                 return torch.stack([loss_fn(draws[i]) for i in range(n)]).mean(0)
 
-            ev = self.base(wrapped, x, mean_loss, need_grad)
+            meter = _LargestOutput(wrapped.rest) if chunk is None and \
+                isinstance(wrapped.rest, nn.Module) else None
+            try:
+                ev = self.base(wrapped, x, mean_loss, need_grad)
+            finally:
+                if meter is not None:
+                    meter.remove()
+            if chunk is None:  # the first pass of "auto" ran all draws and measured them
+                per_draw = meter.bytes // self.n if meter else 0
+                chunk = self._chunks[key] = draws_per_pass(self.n, per_draw)
             draws = ev.logits.view(n, b, -1)
             parts.append((n, ev, torch.softmax(draws, dim=-1).mean(0), draws.argmax(-1)))
             done += n

@@ -211,6 +211,10 @@ def run_ray(certifier: Certifier, indices: list[int], sink: Sink, progress: bool
     from qrobust.eval.ray_session import ray_session
 
     job = asdict(certifier.job.with_threads(1))  # one thread per worker; Ray runs many
+    # workers need not share the driver's working directory
+    job["ckpt"] = str(Path(job["ckpt"]).resolve())
+    if job["data_dir"] is not None:
+        job["data_dir"] = str(Path(job["data_dir"]).resolve())
     with ray_session(address, num_cpus) as session:
         ray = session["ray"]
         task = ray.remote(num_cpus=1)(_remote_certify)
