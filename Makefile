@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,openvino,ray]'
 	# torchattacks is a benchmark/oracle dependency only; --no-deps: it lists torchvision, which we never import
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
+	# the reference APGD (Croce & Hein's AutoAttack code on PyPI), for benchmarks/attack_speed.py only
+	$(BIN)/pip install -q --no-deps pyautoattack==0.2.0
 	touch $(STAMP)
 
 .PHONY: install demo test lint

@@ -82,7 +82,8 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t, out
 
 
-def compare(name: str, ours, theirs, repeats: int, model, x, y) -> dict:
+def compare(name: str, ours, theirs, repeats: int, model, x, y,
+            peer: str = "torchattacks") -> dict:
     """Interleaved timings of ours(x, y) and theirs(x, y), alternating which goes first
     (ABBA...) so that neither side always runs on a warmer or colder machine; warm-up on 8
     images."""
@@ -97,7 +98,7 @@ def compare(name: str, ours, theirs, repeats: int, model, x, y) -> dict:
                 t, adv_theirs = timed(lambda: theirs(x, y))
                 t_theirs.append(t)
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
-    row = {"case": name, "ours_s": mo, "torchattacks_s": mt, "ratio": mt / mo,
+    row = {"case": name, "peer": peer, "ours_s": mo, "torchattacks_s": mt, "ratio": mt / mo,
            "ours_img_per_s": len(y) / mo, "torchattacks_img_per_s": len(y) / mt,
            "ours_all_s": t_ours, "torchattacks_all_s": t_theirs,
            "ours_robust_acc": robust_acc(model, adv_ours, y),
@@ -150,6 +151,31 @@ def pgd_rows(label: str, case, eps: float, alpha: float, repeats: int, dev) -> l
     return rows
 
 
+def apgd_rows(label: str, case, eps: float, repeats: int, dev, steps: int = 20) -> list[dict]:
+    """Our APGD-CE vs the reference implementation (pyautoattack, the authors' code on PyPI),
+    Linf, 1 restart. The reference attacks only the points it classifies correctly at first
+    and every one of them for all steps; ours with ``early_stop=False`` does the same work
+    on every point (a trained model gets nearly all right, so the work is about equal)."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    from qrobust.attacks import APGD
+
+    model, x, y, info = case
+    model, x, y = model.to(dev), x.to(dev), y.to(dev)
+    ref = APGDAttack(model, n_iter=steps, norm="Linf", n_restarts=1, eps=eps, seed=0,
+                     loss="ce", device=dev)
+    rows = []
+    for early in (True, False):
+        ours = APGD(model, ThreatModel("linf", eps), steps=steps, early_stop=early)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        rows.append(compare(f"APGD-CE-{steps} {label} batch {len(y)} early_stop={early} vs "
+                            "reference", lambda a, b, ours=ours, gen=gen: ours(a, b, gen),
+                            lambda a, b: ref.perturb(a, b), repeats, model, x, y,
+                            peer="pyautoattack 0.2.0 APGDAttack (reference; its time under "
+                                 "torchattacks_s)"))
+    return rows
+
+
 def eot_rows(case, batch: int, repeats: int, dev, chunk: str = "auto") -> list[dict]:
     import torchattacks
 
@@ -180,7 +206,7 @@ def main() -> None:
     ap.add_argument("--eot-batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--parts", default="pgd-mnist,pgd-cifar,eot",
-                    help="comma list of pgd-mnist, pgd-cifar, eot")
+                    help="comma list of pgd-mnist, pgd-cifar, eot, apgd (needs pyautoattack)")
     ap.add_argument("--eot-chunk", choices=("auto", "all"), default="auto",
                     help="our EOT's draws per pass: auto (default) or all 10 at once")
     ap.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
@@ -195,15 +221,19 @@ def main() -> None:
     dev = torch.device(args.device)
     parts = set(args.parts.split(","))
     rows, cases = [], {}
-    if parts & {"pgd-mnist", "eot"}:
+    if parts & {"pgd-mnist", "eot", "apgd"}:
         mnist = load_case("small-cnn-mnist", "small-cnn", (1, 28, 28), "mnist", args.batch)
         cases["small-cnn/mnist"] = mnist[3]
     if "pgd-mnist" in parts:
         rows += pgd_rows("small-cnn/mnist", mnist, 0.3, 0.03, args.repeats, dev)
-    if "pgd-cifar" in parts:
+    if parts & {"pgd-cifar", "apgd"}:
         cifar = load_case("resnet20-cifar10", "resnet20", (3, 32, 32), "cifar10", args.batch)
         cases["resnet20/cifar10"] = cifar[3]
+    if "pgd-cifar" in parts:
         rows += pgd_rows("resnet20/cifar10", cifar, 8 / 255, 2 / 255, args.repeats, dev)
+    if "apgd" in parts:
+        rows += apgd_rows("small-cnn/mnist", mnist, 0.3, args.repeats, dev)
+        rows += apgd_rows("resnet20/cifar10", cifar, 8 / 255, args.repeats, dev)
     if "eot" in parts:
         rows += eot_rows(mnist, args.eot_batch, args.repeats, dev, args.eot_chunk)
     result = {
