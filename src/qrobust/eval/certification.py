@@ -239,7 +239,7 @@ def certify_images(job: CertifyJob, out: str | Path, limit: int | None = None,
     """Certify the ``limit`` test images of ``job`` (seeded choice; all if None) not yet in
     ``<out>/results.sqlite``, then write ``<out>/summary.json`` over all of them."""
     from qrobust.checkpoint import atomic_write_bytes
-    from qrobust.eval.store import ResultStore, cell_key
+    from qrobust.eval.store import ResultStore, cell_key, writer_lock
 
     run = EXECUTORS.get(executor)
     certifier = certifier or Certifier(job)
@@ -247,7 +247,7 @@ def certify_images(job: CertifyJob, out: str | Path, limit: int | None = None,
     start = time.perf_counter()
     indices = select_indices(len(certifier.y), limit).tolist()
     keys = {i: cell_key(certifier.config(i)) for i in indices}
-    with ResultStore(out / RESULTS) as store:
+    with writer_lock(out), ResultStore(out / RESULTS) as store:
         pending = [i for i in indices if not store.has(keys[i])]
 
         def sink(index: int, metrics: dict) -> None:
@@ -255,9 +255,9 @@ def certify_images(job: CertifyJob, out: str | Path, limit: int | None = None,
 
         timings = run(certifier, pending, sink, progress=progress, **options) if pending else {}
         rows = [store.get(keys[i]) for i in indices]
-    summary = {"config": certifier.base_config, "ckpt": str(job.ckpt),
-               "holds_for": certifier.holds_for, **summarize(rows)}
-    text = json.dumps(summary, indent=2, sort_keys=True)
-    atomic_write_bytes(out / SUMMARY, lambda tmp: Path(tmp).write_text(text))
+        summary = {"config": certifier.base_config, "ckpt": str(job.ckpt),
+                   "holds_for": certifier.holds_for, **summarize(rows)}
+        text = json.dumps(summary, indent=2, sort_keys=True)
+        atomic_write_bytes(out / SUMMARY, lambda tmp: Path(tmp).write_text(text))
     return CertifyRun(rows, summary, len(indices) - len(pending), len(pending),
                       time.perf_counter() - start, timings)

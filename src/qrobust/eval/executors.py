@@ -23,7 +23,7 @@ from pathlib import Path
 
 from qrobust.config import StudyConfig
 from qrobust.eval.grid import TABLE, Cell, Workbench, evaluate_cell, plan
-from qrobust.eval.store import ResultStore
+from qrobust.eval.store import ResultStore, writer_lock
 from qrobust.progress import bar as progress_bar
 from qrobust.registry import Registry
 
@@ -108,7 +108,7 @@ def run_study(study: StudyConfig, out: str | Path, executor: str = "local",
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     cells = plan(study)
-    with ResultStore(out / RESULTS) as store:
+    with writer_lock(out), ResultStore(out / RESULTS) as store:
         store.set_meta("study", study.model_dump(mode="json"))
         store.set_meta("plan", [c.key for c in cells])  # the report shows these cells only
         pending = [c for c in cells if not store.has(c.key)]

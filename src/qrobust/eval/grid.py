@@ -33,6 +33,7 @@ Metrics per cell (accuracies in [0, 1] over ``n`` test points):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.config import AttackConfig, DefenseConfig, ModelConfig, StudyConfig
+from qrobust.config import AttackConfig, DataConfig, DefenseConfig, ModelConfig, StudyConfig
 from qrobust.eval import adapters
 from qrobust.eval.store import cell_key
 
@@ -73,11 +74,35 @@ class Cell:
 def _file_digest(path: str) -> str:
     p = Path(path)
     file = p / "model.safetensors" if p.is_dir() else p
+    st = file.stat()
+    return _digest(str(file.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(file: str, size: int, mtime_ns: int) -> str:
+    """sha256 prefix of a file, computed once per (path, size, mtime): plans are rebuilt often."""
     h = hashlib.sha256()
     with open(file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def data_identity(data: DataConfig) -> dict:
+    """The data part of a cell's key. A named dataset is pinned by the checksums its loader
+    verifies; a dataset given as an .npz file is pinned by its content, since the same path
+    can hold other arrays tomorrow."""
+    ident = data.model_dump(mode="json")
+    if data.dataset.endswith(".npz"):
+        ident["sha256"] = _file_digest(data.dataset)
+    return ident
+
+
+def _dataset_identity(data: DataConfig) -> str | dict:
+    """What a trained model's cache directory is keyed by: the dataset (and an .npz's content)."""
+    if data.dataset.endswith(".npz"):
+        return {"dataset": data.dataset, "sha256": _file_digest(data.dataset)}
+    return data.dataset
 
 
 def model_identity(model: ModelConfig) -> dict:
@@ -90,7 +115,7 @@ def model_identity(model: ModelConfig) -> dict:
 def plan(study: StudyConfig) -> list[Cell]:
     """All cells, ordered so that cells sharing work are adjacent."""
     cells = []
-    data = study.data.model_dump(mode="json")
+    data = data_identity(study.data)
     quant = study.quant.model_dump(mode="json")
     for model in study.models:
         ident = model_identity(model)
@@ -106,6 +131,8 @@ def plan(study: StudyConfig) -> list[Cell]:
                                 "attack": {"name": attack.name, "norm": attack.norm,
                                            "params": attack.params},
                                 "eps": eps, "seed": seed,
+                                # batches decide how random attacks and defenses draw
+                                "batch_size": study.batch_size,
                             }
                             cells.append(Cell(model, recipe, defense, attack, eps, seed, config,
                                               cell_key(config)))
@@ -158,7 +185,8 @@ class Workbench:
 
     # -- models -------------------------------------------------------------------------
     def _model_dir(self, model: ModelConfig, seed: int, recipe: str | None = None) -> Path:
-        ident = cell_key({"model": model_identity(model), "data": self.study.data.dataset,
+        ident = cell_key({"model": model_identity(model),
+                          "data": _dataset_identity(self.study.data),
                           "seed": seed, "recipe": recipe,
                           "quant": self.study.quant.model_dump(mode="json") if recipe else None})
         tag = f"{model.label}-{recipe}" if recipe else model.label

@@ -15,18 +15,25 @@ The store is a plain file: ``sqlite3 results.sqlite 'select * from results'`` re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
+import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 from qrobust.errors import ConfigError, QrobustError
 from qrobust.provenance import provenance
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs on one directory are not locked against each other
+    fcntl = None
 
 SCHEMA_VERSION = 1
 
@@ -96,6 +103,36 @@ def cell_key(config: Mapping[str, Any]) -> str:
     keeps them apart), so resolve configs through the validated models before hashing.
     """
     return sha256(canonical_json(config).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def writer_lock(out: str | Path) -> Iterator[None]:
+    """Hold ``<out>/.qrobust.lock`` while a run writes ``out``: a second run on the same
+    directory fails at once instead of repeating (and racing) the first one's work. The lock
+    is the kernel's (``flock``), so it goes with the process, however that ends."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".qrobust.lock"
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise StoreError(f"{out} is being written by another qrobust run ({holder}); wait "
+                             "for it to finish or give another output directory") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class ResultStore:

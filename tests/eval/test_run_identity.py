@@ -1,0 +1,60 @@
+"""What a stored result is keyed by, and one writer per output directory: a rerun never reuses
+a cell computed with another batch size or other data, and two runs never race on one store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qrobust.config import parse_study
+from qrobust.eval.certification import CertifyJob, certify_images
+from qrobust.eval.executors import run_study
+from qrobust.eval.grid import Workbench, plan
+from qrobust.eval.store import StoreError, writer_lock
+
+
+def test_batch_size_is_part_of_every_cell_key(tiny_study):
+    small = plan(parse_study(tiny_study(batch_size=16)))
+    large = plan(parse_study(tiny_study(batch_size=256)))
+    assert len(small) == len(large)
+    assert not {c.key for c in small} & {c.key for c in large}
+    assert {c.config["batch_size"] for c in small} == {16}
+
+
+def _write_npz(path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    np.savez(path, x_train=rng.integers(0, 256, (20, 8, 8), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 20), x_test=rng.integers(0, 256, (10, 8, 8),
+                                                                  dtype=np.uint8),
+             y_test=rng.integers(0, 10, 10))
+
+
+def test_an_npz_dataset_is_keyed_by_its_content_not_its_path(tiny_study, tmp_path):
+    path = tmp_path / "mine.npz"
+    spec = tiny_study(data={"dataset": str(path), "n_test": 10},
+                      models=[{"name": "mlp", "arch": "mlp"}])
+    _write_npz(path, 0)
+    study = parse_study(spec)
+    before = plan(study)
+    model_dir = Workbench(study, tmp_path / "run")._model_dir(study.models[0], 0)
+    assert plan(study) == before  # stable while the file is unchanged
+    _write_npz(path, 1)  # other arrays at the same path
+    after = plan(study)
+    assert not {c.key for c in before} & {c.key for c in after}
+    assert Workbench(study, tmp_path / "run")._model_dir(study.models[0], 0) != model_dir
+
+
+def test_a_second_run_on_a_directory_being_written_fails_and_writes_nothing(tiny_study,
+                                                                            digits_ckpt,
+                                                                            tmp_path):
+    study = parse_study(tiny_study(attacks=[{"name": "fgsm", "eps": [0]}]))
+    out = tmp_path / "run"
+    with writer_lock(out):
+        with pytest.raises(StoreError, match=r"being written by another qrobust run \(pid"):
+            run_study(study, out, progress=False)
+        job = CertifyJob(str(digits_ckpt), n0=10, n=50, alpha=0.01)
+        with pytest.raises(StoreError, match="being written by another qrobust run"):
+            certify_images(job, out, limit=1, progress=False)
+        assert not (out / "results.sqlite").exists() and not (out / "models").exists()
+    # the lock goes with its holder: now the run proceeds
+    assert run_study(study, out, progress=False).computed == 2
