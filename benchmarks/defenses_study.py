@@ -35,7 +35,6 @@ from safetensors.torch import load_file, save_file
 from qrobust.attacks import ATTACKS, Autograd, ThreatModel, auto_estimator, evaluate_robustness
 from qrobust.checkpoint import load_checkpoint
 from qrobust.data import Dataset, load_dataset, take
-from qrobust.defenses import sq
 from qrobust.defenses.amplification import compare_amplification, plot_amplification
 from qrobust.defenses.detection import (
     detection_score,
@@ -284,7 +283,6 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
-    sq.seed(args.seed)
     t_start = time.perf_counter()
     ds = load_dataset(args.dataset)
     models, info = build_models(args, ds)

@@ -94,7 +94,8 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None) -> tuple[n
     arch = meta.get("model", {}).get("arch")
     if expect_arch is not None and arch != expect_arch:
         raise CheckpointError(f"{weights_path(path)} holds a '{arch}' model, expected '{expect_arch}'")
-    model = BUILDERS.get(meta.get("kind", "float"))(meta)
+    with torch.random.fork_rng(devices=[]):  # the skeleton's random init is overwritten below:
+        model = BUILDERS.get(meta.get("kind", "float"))(meta)  # loading draws nothing
     tensors = load_file(str(weights_path(path)))
     expected = model.state_dict()
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.stats import binomtest
 from torch import nn
 
-from qrobust.defenses import sq
+from qrobust.defenses import reseed
 from qrobust.defenses.sq import StochasticQuantizer, sq_model, stochastic_quantize, stochastic_round
 from qrobust.errors import ConfigError
 
@@ -62,12 +62,14 @@ def test_seeded_reproducible_and_random_in_eval_mode():
     a = StochasticQuantizer(2, generator=gen(7)).eval()(x)
     b = StochasticQuantizer(2, generator=gen(7)).eval()(x)
     assert torch.equal(a, b)
-    m = StochasticQuantizer(2).eval()
-    sq.seed(11)
+    m = StochasticQuantizer(2).eval()  # a generator of its own, seeded 0
+    state = torch.get_rng_state()
+    assert reseed(m, 11) == 1
     c = m(x)
     assert not torch.equal(c, m(x))  # still random in eval mode
-    sq.seed(11)
-    assert torch.equal(c, m(x))  # the module-level generator is seedable
+    reseed(m, 11)
+    assert torch.equal(c, m(x))  # reseeding repeats the draws
+    assert torch.equal(torch.get_rng_state(), state)  # torch's global RNG never drawn from
 
 
 def test_sq_model_replaces_relus_and_marks_randomized():

@@ -58,3 +58,28 @@ def test_a_second_run_on_a_directory_being_written_fails_and_writes_nothing(tiny
         assert not (out / "results.sqlite").exists() and not (out / "models").exists()
     # the lock goes with its holder: now the run proceeds
     assert run_study(study, out, progress=False).computed == 2
+
+
+@pytest.mark.parametrize("defense,params", [("mc-dropout", {"passes": 2, "rate": 0.3}),
+                                            ("sq", {"bits": 3})])
+def test_randomized_cells_neither_read_nor_move_the_global_rng(tiny_study, tmp_path, defense,
+                                                               params):
+    import torch
+
+    from qrobust.eval.grid import evaluate_cell
+
+    study = parse_study(tiny_study(recipes=["fp32"], defenses=[{"name": defense,
+                                                                "params": params}],
+                                   attacks=[{"name": "pgd", "eps": ["8/255"],
+                                             "params": {"steps": 2}}]))
+    (cell,) = plan(study)
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        metrics, _ = evaluate_cell(Workbench(study, tmp_path), cell)
+        assert torch.equal(torch.get_rng_state(), state), "the cell drew from torch's global RNG"
+        metrics.pop("seconds")
+        results.append(metrics)
+    assert results[0] == results[1]
+    assert results[0]["estimator"].startswith("eot")

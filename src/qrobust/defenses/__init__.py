@@ -11,6 +11,7 @@ from qrobust.defenses.base import (
     defend,
     is_differentiable,
     is_randomized,
+    reseed,
     split_at_randomness,
 )
 from qrobust.defenses.filters import BitDepth, GaussianFilter, MeanFilter, MedianFilter
@@ -19,7 +20,7 @@ from qrobust.defenses.mc_dropout import MCDropout, MCDropoutModel, insert_dropou
 __all__ = [
     "DEFENSES", "BitDepth", "Defended", "Defense", "GaussianFilter", "MCDropout", "MCDropoutModel",
     "MeanFilter", "MedianFilter", "bpda_targets", "defend", "insert_dropout", "is_differentiable",
-    "is_randomized", "split_at_randomness",
+    "is_randomized", "reseed", "split_at_randomness",
 ]
 
 # issue 7 (defenses engineer): DQ, amplification, SQ, SQ ensembles, detection, Stochastic-Shield

@@ -45,6 +45,27 @@ def is_randomized(model: object) -> bool:
     return any(bool(getattr(m, "randomized", False)) for m in modules)
 
 
+def generators(model: object) -> list[torch.Generator]:
+    """The distinct ``generator`` attributes of ``model``'s modules, in module order."""
+    modules = model.modules() if isinstance(model, nn.Module) else [model]
+    found: dict[int, torch.Generator] = {}
+    for m in modules:
+        gen = getattr(m, "generator", None)
+        if isinstance(gen, torch.Generator):
+            found.setdefault(id(gen), gen)
+    return list(found.values())
+
+
+def reseed(model: object, seed: int) -> int:
+    """Seed every generator of ``model``'s randomized modules from ``seed`` (the k-th distinct
+    one with ``seed + k``), so its draws depend on ``seed`` alone, not on what ran before; the
+    global RNG is not touched. Returns how many were seeded."""
+    gens = generators(model)
+    for k, gen in enumerate(gens):
+        gen.manual_seed((seed + k) % (2**63 - 1))
+    return len(gens)
+
+
 def is_differentiable(model: object) -> bool:
     """False when ``model`` or any sub-module declares ``differentiable = False``."""
     modules = model.modules() if isinstance(model, nn.Module) else [model]

@@ -185,8 +185,9 @@ def build_sq_ensemble(build_member, k: int = 3, bits: int = 4, hi: float = 6.0, 
         raise ConfigError(f"ensemble size k must be >= 1, got {k}")
     members = []
     for i in range(k):
-        torch.manual_seed(seed + i)
-        members.append(sq_model(build_member(), bits=bits, hi=hi))
+        torch.manual_seed(seed + i)  # the member's weight init
+        noise = torch.Generator().manual_seed(seed + i)  # and its own SQ noise stream
+        members.append(sq_model(build_member(), bits=bits, hi=hi, generator=noise))
     return SQEnsemble(members, reduce)
 
 

@@ -24,8 +24,8 @@ PLACEMENTS = ("classifier", "linear", "relu")
 
 class MCDropout(nn.Module):
     """Inverted dropout that is active in train *and* eval mode; masks come from ``generator``
-    (drawn on its device, moved to the input's) when one is given, else from torch's global
-    RNG on the input's device."""
+    (given, or its own seeded 0; drawn on its device and moved to the input's), never from
+    torch's global RNG."""
 
     randomized = True
     differentiable = True
@@ -35,13 +35,13 @@ class MCDropout(nn.Module):
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"dropout rate must be in [0, 1), got {p}")
         self.p = float(p)
-        self.generator = generator
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0:
             return x
-        dev = self.generator.device if self.generator is not None else x.device
-        u = torch.rand(x.shape, generator=self.generator, device=dev).to(x.device, x.dtype)
+        u = torch.rand(x.shape, generator=self.generator,
+                       device=self.generator.device).to(x.device, x.dtype)
         return x * (u >= self.p).to(x.dtype) / (1.0 - self.p)
 
     def extra_repr(self) -> str:
@@ -74,7 +74,8 @@ def insert_dropout(model: nn.Module, rate: float, placement: str | Sequence[str]
     """A copy of ``model`` (weights shared by value, the original untouched) with ``MCDropout``
     layers inserted: before the last ``nn.Linear`` ("classifier"), before every linear layer
     ("linear"), after every ReLU ("relu"), or after each named module. All inserted layers draw
-    from ``generator``."""
+    from ``generator`` (default: a new one seeded 0)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     out = copy.deepcopy(model)
     targets = _targets(out, placement)
     if not targets:

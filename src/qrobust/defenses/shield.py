@@ -83,7 +83,7 @@ def stochastic_shield(model: nn.Module, filter: str = "median", size: int = 3, b
 
     ``filter``: median, mean, gaussian, bit-depth or none; ``rate``: dropout probability in
     [0, 1) inserted at ``placement`` (classifier, linear, relu or a list of module names);
-    ``passes``: T; ``seed``: seeds the dropout masks (None: torch's global RNG). Input
+    ``passes``: T; ``seed``: seeds the dropout masks' generator (None: 0). Input
     (N, C, H, W) in [0, 1] -> (N, classes) log mean probabilities. ``model`` is not modified.
     """
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -13,9 +13,11 @@ estimator of the clamp). Since E[q(x)] = clamp(x), this is exactly the derivativ
 expected network layer by layer: an attacker that backpropagates through SQ with EOT is
 given the right signal, not a masked one.
 
-Randomness: every function takes a ``torch.Generator``; modules use their own generator if
-given one, else the module-level generator of this file (seed it with :func:`seed`). SQ
-stays random in eval mode: that is the defense (``randomized = True``, attack it with EOT).
+Randomness: every function takes a ``torch.Generator`` and every module owns one (given, or
+its own seeded 0; :func:`sq_model` gives all its quantizers one shared generator, so layers
+draw successive numbers of one stream), and :func:`qrobust.defenses.reseed` reseeds them all;
+nothing here touches torch's global RNG. SQ stays random in eval mode: that is the defense
+(``randomized = True``, attack it with EOT).
 """
 
 from __future__ import annotations
@@ -25,18 +27,6 @@ from torch import nn
 
 from qrobust.defenses.base import DEFENSES
 from qrobust.errors import ConfigError
-
-_GENERATOR = torch.Generator().manual_seed(0)
-
-
-def seed(value: int) -> torch.Generator:
-    """Reseed the module-level generator used by SQ modules built without their own."""
-    _GENERATOR.manual_seed(value)
-    return _GENERATOR
-
-
-def default_generator() -> torch.Generator:
-    return _GENERATOR
 
 
 class _StochasticRound(torch.autograd.Function):
@@ -88,11 +78,11 @@ class StochasticQuantizer(nn.Module):
             raise ConfigError(f"StochasticQuantizer needs 1 <= bits <= 16 and hi > lo, got "
                               f"bits={bits}, range [{lo}, {hi}]")
         self.bits, self.lo, self.hi = bits, lo, hi
-        self.generator = generator
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gen = self.generator if self.generator is not None else _GENERATOR
-        if x.device != gen.device:  # module generator is CPU; follow the input's device
+        gen = self.generator
+        if x.device != gen.device:  # a CPU generator cannot draw on another device
             gen = None
         return stochastic_quantize(x, self.bits, self.lo, self.hi, gen)
 
@@ -103,9 +93,11 @@ class StochasticQuantizer(nn.Module):
 def sq_model(model: nn.Module, bits: int = 4, hi: float = 6.0,
              generator: torch.Generator | None = None) -> nn.Module:
     """A copy of ``model`` with every ``nn.ReLU``/``nn.ReLU6`` replaced by a stochastic
-    ReLU-``hi`` quantizer of ``bits`` bits. The returned module has ``randomized = True``."""
+    ReLU-``hi`` quantizer of ``bits`` bits, all drawing from ``generator`` (default: a new one
+    seeded 0). The returned module has ``randomized = True``."""
     import copy
 
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     out = copy.deepcopy(model)
     replaced = _replace_relus(out, lambda: StochasticQuantizer(bits, 0.0, hi, generator))
     if replaced == 0:
@@ -131,7 +123,7 @@ def _replace_relus(module: nn.Module, make) -> int:
 def sq_defense(model: nn.Module, bits: int = 4, hi: float = 6.0, seed: int | None = None) -> nn.Module:
     """Training-free SQ: a trained model's ReLUs become stochastic ReLU-``hi`` quantizers.
 
-    ``seed``: a generator of its own for the SQ noise (None: the module-level generator).
+    ``seed``: of the SQ noise's generator (None: 0; studies reseed it per cell).
     (For trained SQ networks and ensembles see :mod:`qrobust.defenses.ensemble`.)
     """
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

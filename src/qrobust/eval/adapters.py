@@ -128,12 +128,11 @@ def defend(model: Any, name: str, params: dict) -> Any:
     return DEFENSES.get(name)(model, **params)
 
 
-def reseed(seed: int) -> None:
-    """Seed the global RNG and the module-level generators used by randomized defenses."""
-    torch.manual_seed(seed)
-    from qrobust.defenses import sq
+def reseed(model: Any, seed: int) -> None:
+    """Seed the generators of ``model``'s randomized modules (the global RNG is untouched)."""
+    from qrobust.defenses import reseed as reseed_generators
 
-    sq.seed(seed)
+    reseed_generators(model, seed)
 
 
 # -- attacks ----------------------------------------------------------------------------------

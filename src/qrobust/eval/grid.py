@@ -214,7 +214,8 @@ class Workbench:
         ds = self.dataset()
         cfg = default_config(model.arch, ds.name, **{**model.train, "seed": seed})
         log.info("training %s (seed %d) on %s", model.label, seed, ds.name)
-        fitted = fit(model.arch, ds, cfg, dropout=model.dropout, progress=self.progress)
+        with torch.random.fork_rng(devices=[]):  # fit seeds the global RNG for weight init
+            fitted = fit(model.arch, ds, cfg, dropout=model.dropout, progress=self.progress)
         save_checkpoint(where, fitted.model, fitted.meta)
         return fitted.model.eval()
 
@@ -231,8 +232,9 @@ class Workbench:
         if model.arch is None:
             raise ValueError(f"quant.mode qat trains from scratch; model '{model.label}' is a "
                              "checkpoint: give 'arch' instead")
-        torch.manual_seed(seed)
-        skeleton = build_model(model_spec(model.arch, ds, model.dropout))
+        with torch.random.fork_rng(devices=[]):  # weight init from seed; the caller's RNG kept
+            torch.manual_seed(seed)
+            skeleton = build_model(model_spec(model.arch, ds, model.dropout))
         twin = adapters.make_twin(skeleton, recipe, self.calib(seed),
                                   self.study.quant.gorsline_grid).train()
         file = where / "twin.safetensors"
@@ -241,8 +243,9 @@ class Workbench:
             return twin.eval()
         cfg = default_config(model.arch, ds.name, **{**model.train, "seed": seed})
         log.info("QAT %s %s (seed %d) on %s", model.label, recipe, seed, ds.name)
-        fitted = fit(model.arch, ds, cfg, dropout=model.dropout, progress=self.progress,
-                     model=twin)
+        with torch.random.fork_rng(devices=[]):
+            fitted = fit(model.arch, ds, cfg, dropout=model.dropout, progress=self.progress,
+                         model=twin)
         state = {k: v.detach().contiguous() for k, v in fitted.model.state_dict().items()}
         atomic_write_bytes(file, lambda tmp: save_file(state, tmp))
         return fitted.model.eval()
@@ -294,8 +297,9 @@ class Workbench:
                         f"({type(err).__name__}: {err})")
         x, _ = self.test_points()
         gseed = _seed_from(cell_key({"group": list(cell.group)}), cell.seed)
-        adapters.reseed(gseed)
+        adapters.reseed(defended, gseed)
         clean = predict(defended, x, self.study.batch_size)
+        adapters.reseed(defended_int, gseed)
         clean_int = None if defended_int is None else predict(defended_int, x,
                                                               self.study.batch_size)
         return Group(twin, defended, integer, defended_int, note, clean, clean_int)
@@ -319,7 +323,8 @@ def evaluate_cell(bench: Workbench, cell: Cell) -> tuple[dict, list[str]]:
     x, y = bench.test_points()
     bs = bench.study.batch_size
     seed = _seed_from(cell.key, cell.seed)
-    adapters.reseed(seed)
+    adapters.reseed(g.defended, seed)
+    adapters.reseed(g.defended_int, seed)
     gen = torch.Generator().manual_seed(seed)
     correct = g.clean_pred == y
     x_adv, warnings = x.clone(), []
