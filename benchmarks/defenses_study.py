@@ -35,12 +35,11 @@ from safetensors.torch import load_file, save_file
 from qrobust.attacks import ATTACKS, Autograd, ThreatModel, auto_estimator, evaluate_robustness
 from qrobust.checkpoint import load_checkpoint
 from qrobust.data import Dataset, load_dataset, take
-from qrobust.defenses.amplification import compare_amplification, plot_amplification
+from qrobust.defenses.amplification import compare_amplification
 from qrobust.defenses.detection import (
     detection_score,
     member_probs,
     plane_row,
-    plot_information_plane,
 )
 from qrobust.defenses.dq import dq_model, fit_dq
 from qrobust.defenses.ensemble import build_sq_ensemble, fit_sq_ensemble
@@ -48,6 +47,7 @@ from qrobust.defenses.shield import stochastic_shield
 from qrobust.models import build_model
 from qrobust.provenance import provenance
 from qrobust.quant import quantize
+from qrobust.report.plots import plot_amplification, plot_information_plane
 from qrobust.train import accuracy, default_config, fit, model_spec
 
 log = logging.getLogger("defenses_study")

@@ -32,12 +32,13 @@ from qrobust.checkpoint import load_checkpoint
 from qrobust.data import load_dataset, take
 from qrobust.errors import ConfigError
 from qrobust.hardware import cpu_info
+from qrobust.integer import to_integer
 from qrobust.integer.base import pixel_codes
 from qrobust.integer.int8 import pair_sum_bound
 from qrobust.integer.onnx import export_int8, int8_kernels, lower_for_export, session, weight_types
 from qrobust.integer.program import ConvOp, LinearOp, RequantOp, input_codes
 from qrobust.provenance import provenance
-from qrobust.quant import quantize, to_integer, widen_input
+from qrobust.quant import quantize, widen_input
 
 
 def predictions(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:

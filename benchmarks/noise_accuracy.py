@@ -28,8 +28,9 @@ import torch
 from qrobust.certify import integer_base
 from qrobust.checkpoint import load_checkpoint
 from qrobust.data import load_dataset, take
+from qrobust.integer import to_integer
 from qrobust.provenance import provenance
-from qrobust.quant import quantize, to_integer
+from qrobust.quant import quantize
 
 
 def main(argv: list[str] | None = None) -> dict:

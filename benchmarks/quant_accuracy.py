@@ -21,8 +21,9 @@ import torch
 
 from qrobust.checkpoint import load_checkpoint
 from qrobust.data import Dataset, load_dataset, take
+from qrobust.integer import to_integer
 from qrobust.provenance import provenance
-from qrobust.quant import quantize, to_integer
+from qrobust.quant import quantize
 from qrobust.quant.qat import finetune, qat_config
 from qrobust.train import accuracy
 

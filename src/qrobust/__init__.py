@@ -26,8 +26,9 @@ from qrobust.defenses import DEFENSES, SQEnsemble, defend, fit_dq, stochastic_sh
 from qrobust.errors import CheckpointError, ConfigError, DataError, QrobustError
 from qrobust.eval import ResultStore, cell_key
 from qrobust.eval.executors import run_study
+from qrobust.integer import IntegerModel, to_integer
 from qrobust.models import MODELS, ModelSpec, build_model
-from qrobust.quant import IntegerModel, QuantSpec, Recipe, parse_recipe, quantize, to_integer
+from qrobust.quant import QuantSpec, Recipe, parse_recipe, quantize
 from qrobust.registry import Registry
 from qrobust.report import write_report
 from qrobust.train import TrainConfig, fit, train

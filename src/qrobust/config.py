@@ -41,8 +41,7 @@ from pydantic import (
 )
 
 from qrobust.errors import ConfigError
-
-FLOAT_RECIPES = ("fp32", "float")
+from qrobust.quant.spec import recipe_bits
 
 
 class _Strict(BaseModel):
@@ -136,9 +135,9 @@ class AttackConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from qrobust.eval import adapters
+        from qrobust.attacks import ATTACKS
 
-        names = adapters.attack_names()
+        names = ATTACKS.names()
         if v not in names:
             raise ValueError(f"unknown attack '{v}'; valid: {', '.join(names)}")
         return v
@@ -153,9 +152,9 @@ class DefenseConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from qrobust.eval import adapters
+        from qrobust.defenses import DEFENSES
 
-        names = ["none", *adapters.defense_names()]
+        names = ["none", *DEFENSES.names()]
         if v not in names:
             raise ValueError(f"unknown defense '{v}'; valid: {', '.join(names)}")
         return v
@@ -206,11 +205,9 @@ class StudyConfig(_Strict):
     @field_validator("recipes")
     @classmethod
     def _valid_recipes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from qrobust.eval import adapters
-
         for i, r in enumerate(v):
             try:
-                adapters.recipe_bits(r)
+                recipe_bits(r)
             except (ConfigError, ValueError) as err:
                 raise ValueError(f"recipes[{i}]: {err}") from None
         if len(set(v)) != len(v):

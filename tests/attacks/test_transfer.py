@@ -16,7 +16,9 @@ quant = pytest.importorskip("qrobust.quant", reason="qrobust.quant (issue: quant
 def deployed(digits_cnn, digits_data):
     xtr, _, _, _ = digits_data
     twin = quant.quantize(digits_cnn.model.eval(), "w4a8", xtr[:256]).eval()
-    return twin, quant.to_integer(twin)
+    from qrobust.integer import to_integer
+
+    return twin, to_integer(twin)
 
 
 def test_transfer_metrics(deployed, digits_data):

@@ -11,9 +11,9 @@ from qrobust.defenses.amplification import (
     compare_amplification,
     default_layers,
     layer_outputs,
-    plot_amplification,
 )
 from qrobust.errors import ConfigError
+from qrobust.report.plots import plot_amplification
 
 
 def gen(s):

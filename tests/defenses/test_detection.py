@@ -17,11 +17,11 @@ from qrobust.defenses.detection import (
     information_plane,
     member_probs,
     mutual_information,
-    plot_information_plane,
     vote_disagreement,
 )
 from qrobust.defenses.ensemble import SQEnsemble
 from qrobust.errors import ConfigError
+from qrobust.report.plots import plot_information_plane
 
 
 def test_mutual_information_against_scipy_entropies():

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from qrobust.checkpoint import load_checkpoint
 from qrobust.errors import ConfigError
 from qrobust.hardware import CpuInfo, cpu_info, parse_cpuinfo
-from qrobust.integer import int8
+from qrobust.integer import int8, to_integer
 from qrobust.integer.agreement import prediction_agreement
 from qrobust.integer.onnx import export_int8, lower_for_export, session, weight_types
 from qrobust.integer.program import ConvOp, LinearOp, input_codes
-from qrobust.quant import parse_recipe, quantize, resolve_reduce_range, to_integer
+from qrobust.quant import parse_recipe, quantize, resolve_reduce_range
 
 RESNET20 = Path(__file__).parents[2] / "benchmarks" / "models" / "resnet20-cifar10"
 

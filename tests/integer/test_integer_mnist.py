@@ -31,7 +31,8 @@ def mnist_model():
 @pytest.mark.data
 def test_mnist_twin_reference_ort_and_openvino_agree(mnist_model):
     from qrobust.data import take
-    from qrobust.quant import quantize, to_integer
+    from qrobust.integer import to_integer
+    from qrobust.quant import quantize
 
     model, ds = mnist_model
     twin = quantize(model, "w8a8", take(ds.train, 512).tensors()[0])

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from qrobust.errors import ConfigError
+from qrobust.integer import to_integer
 from qrobust.integer.agreement import prediction_agreement
 from qrobust.integer.onnx import export_int8, float_model_proto, fused_op_types, session
 from qrobust.integer.program import lower
-from qrobust.quant import quantize, to_integer
+from qrobust.quant import quantize
 
 INTEGER_OPS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "MaxPool", "Flatten",
                "Reshape", "MatMulInteger", "Pad", "Where", "Add", "Cast", "Mul", "Identity"}

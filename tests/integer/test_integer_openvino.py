@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from qrobust.errors import ConfigError
+from qrobust.integer import to_integer
 from qrobust.integer.agreement import prediction_agreement
 from qrobust.integer.onnx import export_int8, session
 from qrobust.integer.program import lower
-from qrobust.quant import quantize, to_integer
+from qrobust.quant import quantize
 
 needs_openvino = pytest.mark.skipif(find_spec("openvino") is None,
                                     reason="the openvino extra is not installed")

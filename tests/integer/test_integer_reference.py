@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qrobust.errors import ConfigError
+from qrobust.integer import to_integer
 from qrobust.integer.agreement import contract, prediction_agreement
 from qrobust.integer.base import pixel_codes
 from qrobust.integer.program import RequantOp, Term, fixed_point, input_codes
 from qrobust.integer.reference import exact_dtype, int_conv2d, int_matmul, requantize
-from qrobust.quant import QuantInput, quantize, to_integer, widen_input
+from qrobust.quant import QuantInput, quantize, widen_input
 
 CODE_MISMATCH_TOLERANCE = 1e-3  # share of codes allowed to differ (each by at most 1 LSB)
 

@@ -4,10 +4,11 @@ and the static slot bounds it relies on against the values real programs produce
 import pytest
 import torch
 
+from qrobust.integer import to_integer
 from qrobust.integer.base import pixel_codes
 from qrobust.integer.program import RequantOp, Term
 from qrobust.integer.reference import execute, requantize, slot_bounds
-from qrobust.quant import quantize, to_integer
+from qrobust.quant import quantize
 
 
 def python_fixed_point(values: list[list[int]], op: RequantOp, channels: list[int]) -> list[int]:

@@ -10,9 +10,7 @@ from qrobust.attacks.base import (
     ATTACKS,
     Attack,
     AttackResult,
-    Evaluation,
     ThreatModel,
-    is_success,
     random_targets,
 )
 from qrobust.attacks.evaluate import evaluate_robustness, robustness_curve
@@ -28,6 +26,7 @@ from qrobust.attacks.gradients import (
 )
 from qrobust.attacks.losses import LOSSES
 from qrobust.attacks.pgd import PGD
+from qrobust.attacks.point import Evaluation, is_success
 from qrobust.attacks.square import Square
 from qrobust.attacks.suite import STANDARD, Budget, Fast, Standard, Suite
 from qrobust.attacks.transfer import attack_integer_model, transfer_to_integer

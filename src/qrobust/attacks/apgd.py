@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from qrobust.attacks.base import ATTACKS, Attack, Evaluation, State, ThreatModel, _per_sample
+from qrobust.attacks.base import ATTACKS, Attack, State, ThreatModel, _per_sample
+from qrobust.attacks.point import Evaluation
 
 
 def checkpoints(steps: int) -> list[int]:

@@ -18,7 +18,9 @@ from typing import ClassVar, Literal
 
 import torch
 
+from qrobust.attacks.gradients import auto_estimator
 from qrobust.attacks.losses import LOSSES, Loss
+from qrobust.attacks.point import Evaluation
 from qrobust.errors import ConfigError
 from qrobust.registry import Registry
 
@@ -121,32 +123,6 @@ class ThreatModel:
         return {"norm": self.norm, "eps": self.eps, "lower": self.lower, "upper": self.upper}
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """What the loop learns at one point: loss to maximize (B,), logits (B, K) (for EOT: log
-    of the mean softmax over draws), the gradient (B, ...) or None, and for randomized models
-    the prediction of every draw (n, B): a point then counts as adversarial only if *every*
-    draw is fooled, so that it stays adversarial under fresh randomness."""
-
-    loss: torch.Tensor
-    logits: torch.Tensor
-    grad: torch.Tensor | None = None
-    draw_pred: torch.Tensor | None = None
-
-    def select(self, keep: torch.Tensor) -> Evaluation:
-        return Evaluation(self.loss[keep], self.logits[keep],
-                          None if self.grad is None else self.grad[keep],
-                          None if self.draw_pred is None else self.draw_pred[:, keep])
-
-    def success(self, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        """(B,) bool: the attack's goal is reached (on every draw for randomized models)."""
-        won = is_success(self.logits, y, target)
-        if self.draw_pred is not None:
-            each = self.draw_pred == target if target is not None else self.draw_pred != y
-            won = won & each.all(dim=0)
-        return won
-
-
 @dataclass
 class AttackResult:
     """x_adv (B, ...) in the threat model; success (B,) as judged by the attack's own
@@ -156,12 +132,6 @@ class AttackResult:
     success: torch.Tensor
     loss: torch.Tensor
     stats: dict = field(default_factory=dict)
-
-
-def is_success(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """Untargeted: prediction != y. Targeted: prediction == target. (B,) bool."""
-    pred = logits.argmax(dim=-1)
-    return pred == target if target is not None else pred != y
 
 
 def random_targets(y: torch.Tensor, num_classes: int,
@@ -195,8 +165,6 @@ class Attack:
                  steps: int = 10, restarts: int = 1, loss: str | None = None,
                  estimator: object | None = None, targeted: bool = False,
                  early_stop: bool = True) -> None:
-        from qrobust.attacks.gradients import auto_estimator
-
         if not isinstance(threat, ThreatModel):
             raise ConfigError(f"threat must be a ThreatModel, got {type(threat).__name__}")
         if steps < 1 or restarts < 1:

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from qrobust.attacks.base import Evaluation
+from qrobust.attacks.point import Evaluation
 from qrobust.defenses.base import (
     bpda_targets,
     is_differentiable,

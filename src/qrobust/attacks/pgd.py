@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from qrobust.attacks.base import ATTACKS, Attack, Evaluation, State, ThreatModel
+from qrobust.attacks.base import ATTACKS, Attack, State, ThreatModel
+from qrobust.attacks.point import Evaluation
 from qrobust.errors import ConfigError
 
 SCHEDULES = {

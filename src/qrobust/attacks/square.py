@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from qrobust.attacks.base import ATTACKS, Attack, Evaluation, State, ThreatModel, randint
+from qrobust.attacks.base import ATTACKS, Attack, State, ThreatModel, randint
+from qrobust.attacks.point import Evaluation
 from qrobust.errors import ConfigError
 
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)

@@ -1,6 +1,6 @@
 """Attacking the deployed model: adversarial examples crafted on the fake-quant twin (white-box,
 STE gradients) and evaluated on the IntegerModel that really computes in integers
-(``qrobust.quant.to_integer``), plus the score-based square attack run directly on the integer
+(``qrobust.integer.to_integer``), plus the score-based square attack run directly on the integer
 model (it needs only logits).
 """
 
@@ -31,7 +31,7 @@ def transfer_to_integer(twin: Any, attack: Attack, x: torch.Tensor, y: torch.Ten
     classifies correctly and whose twin adversarial example fools the twin, the fraction that
     also fools the integer model), the attack description and ``warnings``."""
     if integer is None:
-        from qrobust.quant import to_integer
+        from qrobust.integer import to_integer
 
         integer = to_integer(twin, backend)
     twin_clean, int_clean = predict(twin, x, batch_size), predict(integer, x, batch_size)

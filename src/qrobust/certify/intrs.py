@@ -110,7 +110,8 @@ def noise_window(sigma: float, tails: float = 6.0) -> tuple[float, float]:
 def integer_base(twin, sigma: float, backend: str = "onnx", **options):
     """The IntegerModel of ``twin`` with its input widened to :func:`noise_window` (sigma): the
     base classifier for ``IntegerNoise(..., clip=False)``."""
-    from qrobust.quant import to_integer, widen_input
+    from qrobust.integer import to_integer
+    from qrobust.quant import widen_input
 
     return to_integer(widen_input(twin, *noise_window(sigma)), backend=backend, **options)
 
@@ -120,7 +121,7 @@ def integer_noise(twin, sigma: float, kind: str = "rounded-gaussian", wide: bool
     """Integer-only smoothing of ``twin``'s IntegerModel: of the unclipped noisy image
     (``wide``, :func:`integer_base`) or of codes clipped to [0, 255]. The input window and the
     noise clipping go together: a widened model needs ``clip=False`` noise."""
-    from qrobust.quant import to_integer
+    from qrobust.integer import to_integer
 
     base = (integer_base(twin, sigma, backend, **options) if wide else
             to_integer(twin, backend=backend, **options))

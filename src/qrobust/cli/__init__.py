@@ -1,4 +1,5 @@
-"""The ``qrobust`` command line. Each sub-module adds its commands to ``app``.
+"""The ``qrobust`` command line. Each sub-module adds its commands to ``app``
+(:mod:`qrobust.cli.app`, which they import, so that nothing imports this package back).
 
 ``main(argv) -> int`` never raises for user errors: they print one ``error: ...`` line on
 stderr and return 2.
@@ -6,37 +7,13 @@ stderr and return 2.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import typer
 
+from qrobust.cli.app import app
 from qrobust.errors import QrobustError
 from qrobust.hardware import keep_large_allocations
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Adversarial robustness of quantized neural networks.")
-
-
-def _version(show: bool) -> None:
-    if show:
-        from qrobust.provenance import versions
-
-        typer.echo(f"qrobust {versions().get('qrobust', '?')}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only; no progress bars."),
-          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit (`qrobust doctor`: "
-                                            "backends, datasets, CPU).")) -> None:
-    from qrobust.cli.common import set_quiet
-
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    set_quiet(quiet)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
 def _register_commands() -> None:

@@ -10,7 +10,7 @@ import logging
 import torch
 import typer
 
-from qrobust.cli import app
+from qrobust.cli.app import app
 from qrobust.cli.common import DataDir, NoVerify, ckpt_option, cli_progress
 from qrobust.errors import ConfigError
 
@@ -147,7 +147,7 @@ def attack_cmd(
             model, atk_twin, x, y, backend=backend, batch_size=batch_size, generator=gen,
             progress=cli_progress(), x_adv=None if defense else x_adv)
         if norm == "linf":
-            from qrobust.quant import to_integer
+            from qrobust.integer import to_integer
 
             result["integer_square"] = attack_integer_model(
                 to_integer(model, backend), threat, x, y, queries=queries, batch_size=batch_size,

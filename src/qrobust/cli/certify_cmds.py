@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from qrobust.cli import app
+from qrobust.cli.app import app
 from qrobust.cli.common import DataDir, NoVerify, Out, ReduceRange, ckpt_option, cli_progress
 from qrobust.errors import ConfigError
 

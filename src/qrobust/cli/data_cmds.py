@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from qrobust.cli import app
+from qrobust.cli.app import app
 from qrobust.cli.common import DataDir
 from qrobust.data import LOADERS, dataset_names, search_roots
 

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from qrobust.cli import app
+from qrobust.cli.app import app
 from qrobust.cli.common import DataDir, Download, NoVerify, Out, cli_progress
 
 
@@ -112,7 +112,8 @@ def amplification_cmd(
     from qrobust.attacks import ATTACKS, Autograd, ThreatModel
     from qrobust.checkpoint import load_checkpoint
     from qrobust.data import load_dataset, take
-    from qrobust.defenses.amplification import compare_amplification, plot_amplification
+    from qrobust.defenses.amplification import compare_amplification
+    from qrobust.report.plots import plot_amplification
 
     loaded = [load_checkpoint(c) for c in ckpt]
     ds = load_dataset(loaded[0][1]["dataset"], data_dir, verify=not no_verify)

@@ -8,7 +8,7 @@ import torch
 import typer
 
 from qrobust.checkpoint import atomic_write_bytes, load_checkpoint, read_meta
-from qrobust.cli import app
+from qrobust.cli.app import app
 from qrobust.cli.common import DataDir, NoVerify, Out, ReduceRange, ckpt_option, cli_progress
 from qrobust.errors import CheckpointError, ConfigError
 
@@ -34,7 +34,8 @@ def quantize_cmd(
     """Quantize a float checkpoint (PTQ, then optional QAT) and save the quantized twin."""
     from qrobust.data import load_dataset, take
     from qrobust.hardware import cpu_info
-    from qrobust.quant import quantize, resolve_reduce_range, save_quantized, to_integer
+    from qrobust.integer import to_integer
+    from qrobust.quant import quantize, resolve_reduce_range, save_quantized
     from qrobust.quant.qat import finetune, qat_config
     from qrobust.train import predict
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from qrobust.cli import app
+from qrobust.cli.app import app
 from qrobust.cli.common import cli_progress
 from qrobust.errors import ConfigError
 

@@ -7,7 +7,7 @@ import json
 import typer
 
 from qrobust.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from qrobust.cli import app
+from qrobust.cli.app import app
 from qrobust.cli.common import DataDir, Download, NoVerify, Out, ckpt_option, cli_progress
 from qrobust.data import load_dataset, take
 from qrobust.train import accuracy, default_config, fit

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 # issue 7 (defenses engineer): DQ, amplification, SQ, SQ ensembles, detection, Stochastic-Shield
-from qrobust.defenses.amplification import amplification_ratios, compare_amplification, plot_amplification  # noqa: E402,I001
+from qrobust.defenses.amplification import amplification_ratios, compare_amplification  # noqa: E402,I001
 from qrobust.defenses.dq import LipschitzRegularizer, dq_model, fit_dq, lipschitz_penalty  # noqa: E402
 from qrobust.defenses.sq import StochasticQuantizer, sq_model, stochastic_quantize  # noqa: E402
 from qrobust.defenses.ensemble import EnsembleLoss, SQEnsemble, build_sq_ensemble  # noqa: E402
@@ -35,5 +35,5 @@ __all__ += [
     "EnsembleLoss", "LipschitzRegularizer", "SQEnsemble", "StochasticQuantizer",
     "amplification_ratios", "build_sq_ensemble", "compare_amplification", "detection_auc",
     "dq_model", "fit_dq", "information_plane", "lipschitz_penalty", "mutual_information",
-    "plot_amplification", "sq_model", "stochastic_quantize", "stochastic_shield",
+    "sq_model", "stochastic_quantize", "stochastic_shield",
 ]

@@ -17,7 +17,6 @@ its quantized twin line up even though their module types differ.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -88,20 +87,3 @@ def compare_amplification(models: dict[str, nn.Module], x: torch.Tensor,
                           delta: torch.Tensor) -> dict[str, list[dict]]:
     """``amplification_ratios`` for several models on the same (x, delta)."""
     return {name: amplification_ratios(m, x, delta) for name, m in models.items()}
-
-
-def plot_amplification(results: dict[str, list[dict]], path: str | Path,
-                       title: str = "layer-wise error amplification") -> Path:
-    """One line per model: mean ratio ||f_l(x+delta)-f_l(x)|| / ||f_l(x)|| against layer index
-    (log scale). Writes a PNG at ``path`` and returns it."""
-    from qrobust.report.plots import plt, save_png  # the Agg backend and house style
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, rows in results.items():
-        ax.plot([r["index"] for r in rows], [r["mean"] for r in rows], "o-", label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (0 = input)")
-    ax.set_ylabel("||f(x+d) - f(x)|| / ||f(x)||")
-    ax.set_title(title)
-    ax.legend()
-    return save_png(fig, path)

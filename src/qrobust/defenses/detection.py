@@ -17,7 +17,6 @@ plus the simpler vote disagreement 1 - (votes for the majority class) / K. Large
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -100,21 +99,3 @@ def information_plane(ensemble: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     clean = detection_score(member_probs(ensemble, x), score)
     return [plane_row(ensemble, x if e == 0 else attack_at(e)(x, y), y, clean, e, score)
             for e in eps]
-
-
-def plot_information_plane(curves: dict[str, list[dict]], path: str | Path) -> Path:
-    """Plot mean detection score (x) against accuracy (y), one line per model, eps annotated."""
-    from qrobust.report.plots import plt, save_png  # the Agg backend and house style
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, rows in curves.items():
-        ax.plot([r["mean_score"] for r in rows], [r["accuracy"] for r in rows], "o-", label=name)
-        for r in rows:
-            ax.annotate(f"{r['eps'] * 255:.0f}/255", (r["mean_score"], r["accuracy"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
-    score = next((r["score"] for rows in curves.values() for r in rows), "mi")
-    ax.set_xlabel("mean member mutual information (nats)" if score == "mi" else f"mean {score}")
-    ax.set_ylabel("accuracy")
-    ax.set_title("adversarial information plane")
-    ax.legend()
-    return save_png(fig, path)

@@ -15,35 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.config import FLOAT_RECIPES
+from qrobust.quant.spec import FLOAT_RECIPES, recipe_bits
 
 log = logging.getLogger(__name__)
 
 
 # -- names (config validation) ----------------------------------------------------------------
-def attack_names() -> list[str]:
-    from qrobust.attacks import ATTACKS
-
-    return ATTACKS.names()
-
-
-def defense_names() -> list[str]:
-    from qrobust.defenses import DEFENSES
-
-    return DEFENSES.names()
-
-
-def recipe_bits(recipe: str) -> tuple[int | None, int | None]:
-    """(weight bits, activation bits) of a recipe; None = float. Raises ConfigError when
-    ``qrobust.quant.parse_recipe`` rejects it (bits outside 1..16, unknown options...)."""
-    if recipe in FLOAT_RECIPES:
-        return None, None
-    from qrobust.quant import parse_recipe
-
-    r = parse_recipe(recipe)
-    return (None if r.weight is None else r.weight.bits, None if r.act is None else r.act.bits)
-
-
 # -- quantization -------------------------------------------------------------------------
 class MidriseWeights(nn.Module):
     """Linear/Conv2d whose weight and bias are clamped to [-1, 1] and rounded to the 2^bits
@@ -109,7 +86,7 @@ def make_integer(twin: nn.Module, recipe: str, backend: str) -> tuple[Callable |
         return None, None
     if recipe_bits(recipe)[1] is None:
         return None, f"recipe '{recipe}' keeps activations float: no integer-only model"
-    from qrobust.quant import to_integer
+    from qrobust.integer import to_integer
 
     try:
         return to_integer(twin, backend=backend), None

@@ -1,7 +1,8 @@
 """Integer execution of quantized twins: the exact reference executor, ONNX Runtime int8 and
 (optional) OpenVINO int8.
 
-``BACKENDS``: name -> factory ``(twin, **options) -> IntegerModel``.
+``to_integer(twin, backend)``: the integer model of a twin; ``BACKENDS``: name -> factory
+``(twin, **options) -> IntegerModel``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def _onnx(twin: nn.Module, **options) -> IntegerModel:
     from qrobust.integer.onnx import OnnxIntegerModel
 
     return OnnxIntegerModel(twin, **options)
+
+
+def to_integer(twin: nn.Module, backend: str = "reference", **options) -> IntegerModel:
+    """The integer model of a calibrated twin: ``backend`` 'reference' (exact integer executor,
+    any bit width <= 8), 'onnx' (ONNX Runtime int8 kernels, 8-bit symmetric recipes) or
+    'openvino' (OpenVINO int8 kernels, same recipes; optional dependency)."""
+    return BACKENDS.get(backend)(twin, **options)
 
 
 @BACKENDS.register("openvino")

@@ -324,12 +324,3 @@ def widen_input(twin: nn.Module, low: float, high: float) -> nn.Module:
     wide = copy.deepcopy(twin)
     next(m for m in wide.modules() if isinstance(m, QuantInput)).widen(low, high)
     return wide
-
-
-def to_integer(twin: nn.Module, backend: str = "reference", **options):
-    """The integer model of a calibrated twin: ``backend`` 'reference' (exact integer executor,
-    any bit width <= 8), 'onnx' (ONNX Runtime int8 kernels, 8-bit symmetric recipes) or
-    'openvino' (OpenVINO int8 kernels, same recipes; optional dependency)."""
-    from qrobust.integer import BACKENDS
-
-    return BACKENDS.get(backend)(twin, **options)

@@ -305,3 +305,15 @@ def resolve_reduce_range(recipe: str | Recipe, mode: str = "auto",
     if not wanted or not eight_bit or parsed.act is None:
         return parsed
     return parse_recipe(f"{parsed.text},{REDUCE_RANGE}")
+
+
+FLOAT_RECIPES = ("fp32", "float")  # study recipe names for the unquantized model
+
+
+def recipe_bits(recipe: str) -> tuple[int | None, int | None]:
+    """(weight bits, activation bits) of a recipe; None = float. Raises ConfigError when
+    :func:`parse_recipe` rejects it (bits outside 1..16, unknown options...)."""
+    if recipe in FLOAT_RECIPES:
+        return None, None
+    r = parse_recipe(recipe)
+    return (None if r.weight is None else r.weight.bits, None if r.act is None else r.act.bits)

@@ -195,3 +195,34 @@ def fit_quality(recs: list[Record], fit: Fit, title: str) -> bytes:
     ax.set_ylabel("observed accuracy")
     ax.set_title(f"{title}\nR²={fit.r2:.3f}, RMSE={fit.rmse:.3f}, n={fit.n}", fontsize=8)
     return _png(fig)
+
+
+def plot_amplification(results: dict[str, list[dict]], path: str | Path,
+                       title: str = "layer-wise error amplification") -> Path:
+    """One line per model: mean ratio ||f_l(x+delta)-f_l(x)|| / ||f_l(x)|| against layer index
+    (log scale). Writes a PNG at ``path`` and returns it."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, rows in results.items():
+        ax.plot([r["index"] for r in rows], [r["mean"] for r in rows], "o-", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (0 = input)")
+    ax.set_ylabel("||f(x+d) - f(x)|| / ||f(x)||")
+    ax.set_title(title)
+    ax.legend()
+    return save_png(fig, path)
+
+
+def plot_information_plane(curves: dict[str, list[dict]], path: str | Path) -> Path:
+    """Plot mean detection score (x) against accuracy (y), one line per model, eps annotated."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, rows in curves.items():
+        ax.plot([r["mean_score"] for r in rows], [r["accuracy"] for r in rows], "o-", label=name)
+        for r in rows:
+            ax.annotate(f"{r['eps'] * 255:.0f}/255", (r["mean_score"], r["accuracy"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    score = next((r["score"] for rows in curves.values() for r in rows), "mi")
+    ax.set_xlabel("mean member mutual information (nats)" if score == "mi" else f"mean {score}")
+    ax.set_ylabel("accuracy")
+    ax.set_title("adversarial information plane")
+    ax.legend()
+    return save_png(fig, path)

@@ -6,9 +6,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from qrobust.config import FLOAT_RECIPES
-from qrobust.eval.adapters import recipe_bits
 from qrobust.eval.grid import row_label
+from qrobust.quant.spec import FLOAT_RECIPES, recipe_bits
 
 FLOAT_BITS = 32  # where float recipes sit on a bits axis
 
