@@ -8,6 +8,7 @@ import torch
 
 from qrobust.attacks import PGD, ThreatModel, attack_integer_model, transfer_to_integer
 from qrobust.attacks.evaluate import predict
+from qrobust.attacks.transfer import transfer_metrics
 
 quant = pytest.importorskip("qrobust.quant", reason="qrobust.quant (issue: quantization) missing")
 
@@ -45,3 +46,21 @@ def test_square_runs_on_the_integer_model(deployed, digits_data):
                              generator=torch.Generator().manual_seed(0))
     assert r["robust_acc"] <= r["clean_acc"] and r["grad_evals"] == 0
     assert r["model_randomized"] is False
+
+
+def test_transfer_metrics_is_the_one_definition_studies_and_the_command_line_share():
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    twin_clean = torch.tensor([0, 1, 2, 3, 9, 9])  # 4 right: attacked
+    int_clean = torch.tensor([0, 1, 2, 9, 4, 9])   # differs from the twin on points 3 and 4
+    twin_adv = torch.tensor([7, 1, 7, 7, 9, 9])    # fools the twin on 0, 2, 3
+    int_adv = torch.tensor([7, 1, 2, 7, 4, 8])
+    attacked = twin_clean == y
+    t = transfer_metrics(y, twin_clean, twin_adv, int_clean, int_adv, attacked)
+    assert t["clean_disagreement"] == pytest.approx(2 / 6)
+    assert t["adv_disagreement"] == pytest.approx(1 / 4)  # point 2, among the 4 attacked
+    # eligible: twin right, twin fooled, integer right on x: points 0 and 2; 0 transfers
+    assert t["n_transfer_eligible"] == 2 and t["transfer_rate"] == pytest.approx(1 / 2)
+    assert t["integer_robust_acc"] == pytest.approx(3 / 6)
+    none = transfer_metrics(y, twin_clean, twin_clean, int_clean, int_clean,
+                            torch.zeros(6, dtype=torch.bool))
+    assert none["adv_disagreement"] is None and none["transfer_rate"] is None

@@ -42,7 +42,7 @@ def synthetic_store(path, rising: bool = False, pgd_weaker: bool = False):
                        "clean_acc_int": None if b == 32 else clean - 0.01,
                        "robust_acc_int": None if b == 32 else min(acc + 0.05, clean),
                        "transfer_rate": None if b == 32 or c.eps == 0 else 0.8,
-                       "disagreement": None if b == 32 else 0.02, "seconds": 0.1,
+                       "adv_disagreement": None if b == 32 else 0.02, "seconds": 0.1,
                        "integer_note": None}
             store.put(c.key, TABLE, c.config, metrics, ["masked here"] if b == 2 else [], c.seed)
     return study

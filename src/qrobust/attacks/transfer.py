@@ -16,6 +16,31 @@ from qrobust.attacks.evaluate import _attack_points, evaluate_robustness, predic
 DISAGREEMENT_THRESHOLD = 0.01
 
 
+def _share(mask: torch.Tensor) -> float | None:
+    return float(mask.float().mean()) if mask.numel() else None
+
+
+def transfer_metrics(y: torch.Tensor, twin_clean: torch.Tensor, twin_adv: torch.Tensor,
+                     int_clean: torch.Tensor, int_adv: torch.Tensor,
+                     attacked: torch.Tensor) -> dict:
+    """The one definition of how a twin's adversarial examples fare on the integer model, from
+    predictions (N,) on the clean and adversarial inputs and the (N,) mask of attacked points:
+
+    * ``integer_clean_acc``, ``integer_robust_acc``: the integer model on x / on x_adv;
+    * ``clean_disagreement``: share of all points whose twin and integer predictions differ;
+    * ``adv_disagreement``: the same on the attacked points' x_adv (None if none was attacked);
+    * ``transfer_rate``: of the points the integer model gets right and whose x_adv fools the
+      twin, the share whose x_adv also fools the integer model (None if there are none);
+      ``n_transfer_eligible``: how many such points."""
+    eligible = (twin_clean == y) & (twin_adv != y) & (int_clean == y)
+    return {"integer_clean_acc": _share(int_clean == y),
+            "integer_robust_acc": _share(int_adv == y),
+            "clean_disagreement": _share(twin_clean != int_clean),
+            "adv_disagreement": _share(twin_adv[attacked] != int_adv[attacked]),
+            "transfer_rate": _share(int_adv[eligible] != y[eligible]),
+            "n_transfer_eligible": int(eligible.sum())}
+
+
 def transfer_to_integer(twin: Any, attack: Attack, x: torch.Tensor, y: torch.Tensor, *,
                         integer: Any | None = None, backend: str = "reference",
                         batch_size: int = 256, generator: torch.Generator | None = None,
@@ -25,42 +50,31 @@ def transfer_to_integer(twin: Any, attack: Attack, x: torch.Tensor, y: torch.Ten
     ``x_adv``: adversarial examples ``attack`` already made for ``twin`` on x (e.g.
     ``evaluate_robustness(..., return_adv=True)``): evaluated as they are, not attacked again.
 
-    x (N, C, H, W) in [0, 1], y (N,). Metrics: twin/integer clean and robust accuracy,
-    ``clean_disagreement`` and ``adv_disagreement`` (fraction of clean / attacked points whose
-    twin and integer predictions differ), ``transfer_rate`` (among points the integer model
-    classifies correctly and whose twin adversarial example fools the twin, the fraction that
-    also fools the integer model), the attack description and ``warnings``."""
+    x (N, C, H, W) in [0, 1], y (N,). Metrics: twin clean and robust accuracy, those of
+    :func:`transfer_metrics` (the attacked points are those the twin gets right), the attack
+    description and ``warnings``."""
     if integer is None:
         from qrobust.integer import to_integer
 
         integer = to_integer(twin, backend)
     twin_clean, int_clean = predict(twin, x, batch_size), predict(integer, x, batch_size)
-    twin_ok, int_ok = twin_clean == y, int_clean == y
+    twin_ok = twin_clean == y
     idx = twin_ok.nonzero().squeeze(1)
     if x_adv is None:
         x_adv, gstats = _attack_points(attack, x, y, idx, batch_size, generator, progress)
     else:
         gstats = {}
     twin_adv, int_adv = predict(twin, x_adv, batch_size), predict(integer, x_adv, batch_size)
-    fooled_twin = twin_ok & (twin_adv != y)
-    eligible = fooled_twin & int_ok
-    n, n_att = len(y), max(len(idx), 1)
     metrics: dict = {
-        "n": n,
+        "n": len(y),
         "twin_clean_acc": float(twin_ok.float().mean()),
-        "integer_clean_acc": float(int_ok.float().mean()),
         "twin_robust_acc": float((twin_adv == y).float().mean()),
-        "integer_robust_acc": float((int_adv == y).float().mean()),
-        "clean_disagreement": float((twin_clean != int_clean).float().mean()),
-        "adv_disagreement": float((twin_adv[idx] != int_adv[idx]).float().sum()) / n_att,
-        "transfer_rate": (float((eligible & (int_adv != y)).sum()) / int(eligible.sum())
-                          if bool(eligible.any()) else None),
-        "n_transfer_eligible": int(eligible.sum()),
+        **transfer_metrics(y, twin_clean, twin_adv, int_clean, int_adv, twin_ok),
         **attack.describe(), **gstats,
         "deployment": integer.deployment() if hasattr(integer, "deployment") else None,
     }
     warnings = []
-    if metrics["adv_disagreement"] > DISAGREEMENT_THRESHOLD:
+    if (metrics["adv_disagreement"] or 0.0) > DISAGREEMENT_THRESHOLD:
         warnings.append(f"twin and integer model disagree on {metrics['adv_disagreement']:.1%} "
                         "of the adversarial examples: the twin's robustness is not the deployed "
                         "model's; also run the square attack on the integer model")

@@ -167,7 +167,8 @@ def attack_cmd(
         rate = "n/a" if t["transfer_rate"] is None else f"{t['transfer_rate']:.4f}"
         typer.echo(f"integer model: clean {t['integer_clean_acc']:.4f}, robust to twin's "
                    f"adversarials {t['integer_robust_acc']:.4f}, transfer rate {rate}, "
-                   f"twin/integer disagreement on adversarials {t['adv_disagreement']:.4f}")
+                   f"twin/integer disagreement on adversarials "
+                   f"{t['adv_disagreement'] if t['adv_disagreement'] is not None else 0.0:.4f}")
     if "integer_square" in result:
         s = result["integer_square"]
         typer.echo(f"square ({queries} queries) on the integer model: robust {s['robust_acc']:.4f}")

@@ -23,8 +23,10 @@ Metrics per cell (accuracies in [0, 1] over ``n`` test points):
   (a transfer attack on the deployed model; None without an integer model);
 * ``transfer_rate``: of the points the integer model classifies correctly and whose x_adv
   fools the twin, the share whose x_adv also fools the integer model (the definition of
-  ``qrobust.attacks.transfer_to_integer``); ``disagreement``: share of all x_adv where twin
-  and integer predictions differ;
+  ``qrobust.attacks.transfer_to_integer``); ``clean_disagreement`` / ``adv_disagreement``:
+  share of all points / of the attacked points' x_adv where twin and integer predictions
+  differ (all of these from :func:`qrobust.attacks.transfer.transfer_metrics`, the one
+  definition ``qrobust attack`` uses too);
 * ``mean_linf`` / ``mean_l2``: mean perturbation norms over the successful adversarial
   examples (pixel units);
 * ``attack_success``: share of attacked (clean-correct) points that were fooled;
@@ -44,13 +46,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrobust.attacks.transfer import transfer_metrics
 from qrobust.config import AttackConfig, DataConfig, DefenseConfig, ModelConfig, StudyConfig
 from qrobust.eval import adapters
 from qrobust.eval.store import cell_key
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1  # bump when the meaning of a metric changes: old rows stop matching new keys
+PROTOCOL = 2  # bump when the meaning of a metric changes: old rows stop matching new keys
+# 2: twin/integer disagreement as transfer_metrics defines it (clean_ and adv_disagreement)
 TABLE = "robustness"
 
 
@@ -328,8 +332,10 @@ def evaluate_cell(bench: Workbench, cell: Cell) -> tuple[dict, list[str]]:
     gen = torch.Generator().manual_seed(seed)
     correct = g.clean_pred == y
     x_adv, warnings = x.clone(), []
+    attacked = torch.zeros_like(correct)
     info: dict[str, Any] = {"estimator": None, "grad_evals": 0}
     if cell.eps > 0 and correct.any():
+        attacked = correct
         attack = adapters.make_attack(cell.attack.name, g.defended, cell.attack.norm, cell.eps,
                                       cell.attack.params)
         idx = correct.nonzero().squeeze(1)
@@ -350,18 +356,16 @@ def evaluate_cell(bench: Workbench, cell: Cell) -> tuple[dict, list[str]]:
         "mean_l2": _mean(delta[fooled].norm(dim=1)) if fooled.any() else None,
         **info, "integer_note": g.integer_note,
         "clean_acc_int": None, "robust_acc_int": None, "transfer_rate": None,
-        "disagreement": None,
+        "clean_disagreement": None, "adv_disagreement": None,
     }
     if g.defended_int is not None:
         pred_adv_int = predict(g.defended_int, x_adv, bs)
-        eligible = fooled & (g.clean_pred_int == y)
-        metrics.update({
-            "clean_acc_int": _mean(g.clean_pred_int == y),
-            "robust_acc_int": _mean(pred_adv_int == y),
-            "transfer_rate": _mean(pred_adv_int[eligible] != y[eligible]) if eligible.any()
-            else None,
-            "disagreement": _mean(pred_adv_int != pred_adv),
-        })
+        t = transfer_metrics(y, g.clean_pred, pred_adv, g.clean_pred_int, pred_adv_int,
+                             attacked)
+        metrics.update({"clean_acc_int": t["integer_clean_acc"],
+                        "robust_acc_int": t["integer_robust_acc"],
+                        **{k: t[k] for k in ("transfer_rate", "clean_disagreement",
+                                             "adv_disagreement")}})
     eps_tol = cell.eps * (1 + 1e-5) + 1e-6
     norm = metrics["mean_linf"] if cell.attack.norm == "linf" else metrics["mean_l2"]
     if norm is not None and norm > eps_tol:

@@ -158,10 +158,10 @@ def summary_table(recs: list[Record]) -> tuple[list[str], list[list[str]]]:
 
 def transfer_table(recs: list[Record]) -> tuple[list[str], list[list[str]]]:
     head = ["model", "defense", "attack", "recipe", "eps", "robust twin", "robust int",
-            "transfer rate", "disagreement", "mean linf", "mean l2"]
+            "transfer rate", "adv. disagreement", "mean linf", "mean l2"]
     body = [[r.model, r.defense, r.attack, r.recipe, f"{r.eps * 255:.3g}/255",
              _fmt(r.metrics["robust_acc"]), _fmt(r.metrics.get("robust_acc_int")),
-             _fmt(r.metrics.get("transfer_rate")), _fmt(r.metrics.get("disagreement")),
+             _fmt(r.metrics.get("transfer_rate")), _fmt(r.metrics.get("adv_disagreement")),
              _fmt(r.metrics.get("mean_linf"), 4), _fmt(r.metrics.get("mean_l2"), 3)]
             for r in recs if r.eps > 0]
     return head, body

@@ -12,7 +12,7 @@ from qrobust.quant.spec import FLOAT_RECIPES, recipe_bits
 FLOAT_BITS = 32  # where float recipes sit on a bits axis
 
 METRICS = ("clean_acc", "robust_acc", "clean_acc_int", "robust_acc_int", "transfer_rate",
-           "disagreement", "attack_success", "mean_linf", "mean_l2", "seconds")
+           "adv_disagreement", "attack_success", "mean_linf", "mean_l2", "seconds")
 
 
 def bits_of(recipe: str) -> int:
