@@ -98,7 +98,10 @@ def load_checkpoint(path: str | Path, expect_arch: str | None = None) -> tuple[n
         model = BUILDERS.get(meta.get("kind", "float"))(meta)  # loading draws nothing
     tensors = load_file(str(weights_path(path)))
     expected = model.state_dict()
-    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    optional = {f"{name}.{key}" if name else key for name, m in model.named_modules()
+                for key in getattr(m, "OPTIONAL_STATE", ())}  # absent from older files
+    missing = set(expected) - set(tensors) - optional
+    unexpected = set(tensors) - set(expected)
     wrong = [k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape]
     if missing or unexpected or wrong:
         detail = (f"missing {sorted(missing)[:3]}" if missing else

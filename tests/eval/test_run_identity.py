@@ -83,3 +83,36 @@ def test_randomized_cells_neither_read_nor_move_the_global_rng(tiny_study, tmp_p
         results.append(metrics)
     assert results[0] == results[1]
     assert results[0]["estimator"].startswith("eot")
+
+
+RELEVANT = {  # every edit that changes a cell's numbers must change its key
+    "batch_size": lambda s: {**s, "batch_size": 7},
+    "n_test": lambda s: {**s, "data": {**s["data"], "n_test": 40}},
+    "sample_seed": lambda s: {**s, "data": {**s["data"], "sample_seed": 3}},
+    "seed": lambda s: {**s, "seeds": [1]},
+    "calibration": lambda s: {**s, "quant": {"calib": 64}},
+    "attack params": lambda s: {**s, "attacks": [{"name": "fgsm", "eps": [0, "4/255"],
+                                                  "params": {"loss": "dlr"}}]},
+    "defense": lambda s: {**s, "defenses": [{"name": "bit-depth", "params": {"bits": 4}}]},
+}
+IRRELEVANT = {  # and an edit that does not must keep it
+    "study name": lambda s: {**s, "name": "renamed"},
+    "data_dir": lambda s: {**s, "data": {**s["data"], "data_dir": "/somewhere/else"}},
+}
+
+
+@pytest.mark.parametrize("edit", sorted(RELEVANT))
+def test_editing_what_a_result_depends_on_recomputes_the_cell(tiny_study, edit):
+    base = tiny_study(recipes=["w4a4"], attacks=[{"name": "fgsm", "eps": [0, "4/255"]}])
+    before = {c.key for c in plan(parse_study(base))}
+    after = {c.key for c in plan(parse_study(RELEVANT[edit](base)))}
+    assert not before & after
+
+
+def test_editing_what_it_does_not_depend_on_reuses_every_cell(tiny_study, tmp_path):
+    base = tiny_study(recipes=["w4a4"], attacks=[{"name": "fgsm", "eps": [0, "4/255"]}])
+    first = run_study(parse_study(base), tmp_path / "run", progress=False)
+    assert first.computed == 2
+    for edit in IRRELEVANT.values():
+        again = run_study(parse_study(edit(base)), tmp_path / "run", progress=False)
+        assert (again.skipped, again.computed) == (2, 0)

@@ -147,3 +147,36 @@ def test_quantized_checkpoint_round_trip(fitted_cnn, calib, tmp_path):
     assert loaded.recipe == twin.recipe and loaded.input_shape == (1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(calib), twin(calib))
+
+
+def test_a_widened_twin_loads_widened_and_an_older_checkpoint_loads_plain(fitted_cnn, calib,
+                                                                          tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from qrobust.checkpoint import weights_path
+    from qrobust.quant import QuantInput, widen_input
+
+    model, meta = fitted_cnn
+    wide = widen_input(quantize(model, "w8a8", calib), -1.5, 2.5)
+    save_quantized(tmp_path / "wide", wide, meta)
+    loaded, _ = load_checkpoint(tmp_path / "wide")
+    (a,), (b,) = ([m for m in t.modules() if isinstance(m, QuantInput)] for t in (wide, loaded))
+    assert b.step == a.step == 4 and torch.equal(b.offset, a.offset)
+    noisy = calib + 0.5 * torch.randn(calib.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(noisy), wide(noisy))
+    # a file written before the window was saved: no input_step / offset -> plain pixel codes
+    plain = quantize(model, "w8a8", calib)
+    save_quantized(tmp_path / "old", plain, meta)
+    tensors = load_file(str(weights_path(tmp_path / "old")))
+    old = {k: v for k, v in tensors.items() if not k.endswith(("input_step", "offset"))}
+    assert len(old) < len(tensors)
+    with safe_open(str(weights_path(tmp_path / "old")), framework="pt") as f:
+        header = f.metadata()
+    save_file(old, str(weights_path(tmp_path / "old")), metadata=header)
+    restored, _ = load_checkpoint(tmp_path / "old")
+    (c,) = [m for m in restored.modules() if isinstance(m, QuantInput)]
+    assert c.step == 1 and not c.offset.any()
+    with torch.no_grad():
+        assert torch.equal(restored(calib), plain(calib))

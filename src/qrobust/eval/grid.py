@@ -93,20 +93,18 @@ def _digest(file: str, size: int, mtime_ns: int) -> str:
 
 
 def data_identity(data: DataConfig) -> dict:
-    """The data part of a cell's key. A named dataset is pinned by the checksums its loader
-    verifies; a dataset given as an .npz file is pinned by its content, since the same path
-    can hold other arrays tomorrow."""
-    ident = data.model_dump(mode="json")
+    """The data part of a cell's key: which test points of which content. A named dataset is
+    pinned by the checksums its loader verifies, so where it was found (``data_dir``) does not
+    enter; a dataset given as an .npz file is pinned by its content digest, not its path."""
+    ident = data.model_dump(mode="json", exclude={"data_dir"})
     if data.dataset.endswith(".npz"):
-        ident["sha256"] = _file_digest(data.dataset)
+        ident["dataset"] = {"npz_sha256": _file_digest(data.dataset)}
     return ident
 
 
 def _dataset_identity(data: DataConfig) -> str | dict:
-    """What a trained model's cache directory is keyed by: the dataset (and an .npz's content)."""
-    if data.dataset.endswith(".npz"):
-        return {"dataset": data.dataset, "sha256": _file_digest(data.dataset)}
-    return data.dataset
+    """What a trained model's cache directory is keyed by: the dataset (an .npz's content)."""
+    return data_identity(data)["dataset"]
 
 
 def model_identity(model: ModelConfig) -> dict:
@@ -129,7 +127,7 @@ def plan(study: StudyConfig) -> list[Cell]:
                     for attack in study.attacks:
                         for eps in attack.eps:
                             config = {
-                                "protocol": PROTOCOL, "study": study.name, "data": data,
+                                "protocol": PROTOCOL, "data": data,
                                 "model": ident, "recipe": recipe, "quant": quant,
                                 "defense": defense.model_dump(mode="json"),
                                 "attack": {"name": attack.name, "norm": attack.norm,

@@ -45,9 +45,22 @@ class QuantInput(nn.Module):
     def __init__(self, zero_point: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("zero_point", zero_point.float().view(1, -1, 1, 1))
-        # not saved: widening is chosen where it is used (qrobust.certify.integer_base)
-        self.step = 1
-        self.register_buffer("offset", torch.zeros_like(self.zero_point), persistent=False)
+        # saved with the twin, so that a widened twin loads widened; checkpoints written before
+        # they were saved load as plain pixel codes (step 1, offset 0)
+        self.register_buffer("input_step", torch.tensor(1, dtype=torch.int64))
+        self.register_buffer("offset", torch.zeros_like(self.zero_point))
+
+    OPTIONAL_STATE = ("input_step", "offset")  # may be absent from older checkpoints
+
+    @property
+    def step(self) -> int:
+        """Pixel codes per input code (a power of two; 1 unless widened)."""
+        return int(self.input_step)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        for name in self.OPTIONAL_STATE:  # older checkpoints: the plain window
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -64,9 +77,10 @@ class QuantInput(nn.Module):
         ``o_c`` puts code 0 near ``low``. ``widen(0, 1)`` is the default, plain pixel codes."""
         if not low <= 0 < 1 <= high or not math.isfinite(high - low):
             raise ConfigError(f"the input window [{low}, {high}] must contain [0, 1]")
-        self.step = 2 ** max(0, math.ceil(math.log2(high - low) - 1e-12))
-        code_zero = torch.round((self.zero_point - PIXEL_LEVELS * low) / self.step)
-        self.offset = self.step * code_zero - self.zero_point
+        step = 2 ** max(0, math.ceil(math.log2(high - low) - 1e-12))
+        self.input_step.fill_(step)
+        code_zero = torch.round((self.zero_point - PIXEL_LEVELS * low) / step)
+        self.offset.copy_(step * code_zero - self.zero_point)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
