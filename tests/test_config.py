@@ -52,6 +52,23 @@ BAD = [
     ("data: {dataset: digits, n_test: 0}", "data.n_test", "greater than or equal to 1"),
     ("data: {dataset: imagenet}", "data.dataset", "unknown dataset 'imagenet'"),
     ("atacks: []", "atacks", "unknown field"),
+    # parameters are checked by building the attack / defense around a stand-in model
+    ("attacks: [{name: pgd, eps: [0.1], params: {stepz: 3}}]", "attacks[0]",
+     "attack 'pgd' has no parameter 'stepz'"),
+    ("attacks: [{name: pgd, eps: [0.1], params: {steps: six}}]", "attacks[0]",
+     "parameter 'steps' must be int, got 'six'"),
+    ("attacks: [{name: standard, eps: [0.1], params: {budget_scal: 0.1}}]", "attacks[0]",
+     "no parameter 'budget_scal'"),
+    ("attacks: [{name: pgd, eps: [0.1], params: {eot_samples: 0}}]", "attacks[0]",
+     "eot_samples must be an integer >= 1"),
+    ("defenses: [{name: mc-dropout, params: {rate: 1.7}}]", "defenses[0]",
+     "dropout rate must be in [0, 1), got 1.7"),
+    ("defenses: [{name: median, params: {sise: 3}}]", "defenses[0]", "no parameter 'sise'"),
+    ("defenses: [{name: sq, params: {bits: four}}]", "defenses[0]",
+     "parameter 'bits' must be int, got 'four'"),
+    ('models: [{arch: mlp, train: {epochs: "six"}}]', "models[0]",
+     "parameter 'epochs' must be int, got 'six'"),
+    ("models: [{arch: mlp, dropout: 1.7}]", "models[0].dropout", "less than 1"),
 ]
 BASE = {"models": "models: [{arch: small-cnn}]", "attacks": "attacks: [{name: fgsm, eps: [0.1]}]"}
 

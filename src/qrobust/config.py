@@ -44,6 +44,54 @@ from qrobust.errors import ConfigError
 from qrobust.quant.spec import recipe_bits
 
 
+def _params_error(kind: str, name: str, err: Exception) -> ValueError:
+    """A one-line message for parameters the attack / defense / trainer rejected."""
+    text = str(err)
+    if isinstance(err, TypeError) and "unexpected keyword argument" in text:
+        bad = text.rsplit("argument", 1)[1].strip(" '")
+        return ValueError(f"{kind} '{name}' has no parameter '{bad}' (check the spelling)")
+    return ValueError(f"{kind} '{name}' rejects these parameters: {text}")
+
+
+def _check_types(functions: list, params: dict, kind: str, name: str) -> None:
+    """Each parameter against its annotation in the first of ``functions`` that names it
+    (pydantic's lax mode: "6" is an int, "six" is not)."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    for key, value in params.items():
+        for fn in functions:
+            try:
+                hint = typing.get_type_hints(fn).get(key)
+            except Exception:  # noqa: BLE001 - an unresolvable annotation is left to the call
+                continue
+            if hint is None:
+                continue
+            try:
+                TypeAdapter(hint).validate_python(value)
+            except ValidationError:
+                shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+                raise ValueError(f"{kind} '{name}': parameter '{key}' must be {shown}, got "
+                                 f"{value!r}") from None
+            break
+
+
+def _init_chain(cls: type) -> list:
+    """The ``__init__`` of ``cls`` and of the bases it forwards ``**kwargs`` to."""
+    return [c.__dict__["__init__"] for c in cls.__mro__ if "__init__" in c.__dict__
+            and c is not object]
+
+
+def _stand_in_model():
+    """A tiny conv net with the layer kinds defenses attach to (ReLU, a classifier Linear):
+    parameters are checked by building the attack or defense around it, before any work."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(2 * 4 * 4, 2))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -90,6 +138,7 @@ class ModelConfig(_Strict):
             if unknown:
                 raise ValueError(f"unknown train option(s) {sorted(unknown)}; valid: "
                                  f"{', '.join(sorted(TrainConfig.__dataclass_fields__))}")
+            _check_types([TrainConfig], self.train, "train", self.arch)
         return self
 
     @property
@@ -142,6 +191,26 @@ class AttackConfig(_Strict):
             raise ValueError(f"unknown attack '{v}'; valid: {', '.join(names)}")
         return v
 
+    @model_validator(mode="after")
+    def _params_build(self) -> AttackConfig:
+        """Build the attack once around a stand-in model: a misspelt or badly typed parameter
+        fails here, not after the models are trained."""
+        from qrobust.attacks import ATTACKS, ThreatModel, auto_estimator
+        from qrobust.errors import QrobustError
+
+        params, model = dict(self.params), _stand_in_model()
+        _check_types(_init_chain(ATTACKS.get(self.name)), params, "attack", self.name)
+        try:
+            if "eot_samples" in params:  # the grid turns it into an EOT estimator
+                samples = params.pop("eot_samples")
+                if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+                    raise ValueError(f"eot_samples must be an integer >= 1, got {samples!r}")
+                params["estimator"] = auto_estimator(model, eot_samples=samples)
+            ATTACKS.get(self.name)(model, ThreatModel(self.norm, max(self.eps) or 1e-3), **params)
+        except (TypeError, ValueError, QrobustError) as err:
+            raise _params_error("attack", self.name, err) from None
+        return self
+
 
 class DefenseConfig(_Strict):
     """An input/model defense from ``qrobust.defenses.DEFENSES`` (``none``: no defense)."""
@@ -158,6 +227,26 @@ class DefenseConfig(_Strict):
         if v not in names:
             raise ValueError(f"unknown defense '{v}'; valid: {', '.join(names)}")
         return v
+
+    @model_validator(mode="after")
+    def _params_build(self) -> DefenseConfig:
+        """Build the defense once around a stand-in model (as attacks are checked). Module
+        names given as a dropout ``placement`` belong to the real model and are left to it."""
+        if self.name == "none":
+            return self
+        from qrobust.defenses import DEFENSES
+        from qrobust.errors import QrobustError
+
+        params = dict(self.params)
+        _check_types([DEFENSES.get(self.name)], params, "defense", self.name)
+        if not isinstance(params.get("placement", "classifier"), str) or \
+                params.get("placement") not in (None, "classifier", "linear", "relu"):
+            params.pop("placement")
+        try:
+            DEFENSES.get(self.name)(_stand_in_model(), **params)
+        except (TypeError, ValueError, QrobustError) as err:
+            raise _params_error("defense", self.name, err) from None
+        return self
 
     @property
     def label(self) -> str:

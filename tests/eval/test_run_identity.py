@@ -116,3 +116,60 @@ def test_editing_what_it_does_not_depend_on_reuses_every_cell(tiny_study, tmp_pa
     for edit in IRRELEVANT.values():
         again = run_study(parse_study(edit(base)), tmp_path / "run", progress=False)
         assert (again.skipped, again.computed) == (2, 0)
+
+
+def test_an_output_path_that_is_a_file_fails_before_any_work(tiny_study, tmp_path, capsys):
+    import yaml
+
+    from qrobust.cli import main
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(tiny_study(attacks=[{"name": "fgsm", "eps": [0]}])))
+    (tmp_path / "taken").write_text("not a directory")
+    assert main(["-q", "run", str(config), "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "is a file, not a directory" in err and "\n" not in err
+    assert (tmp_path / "taken").read_text() == "not a directory"
+
+
+def test_a_write_error_mid_run_is_one_line_keeps_the_store_and_the_rerun_resumes(
+        tiny_study, tmp_path, capsys, monkeypatch):
+    import sqlite3
+
+    import yaml
+
+    from qrobust.cli import main
+    from qrobust.eval.store import ResultStore
+
+    spec = tiny_study(attacks=[{"name": "fgsm", "eps": [0, "4/255", "8/255"]}])
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "run"
+    real_put, calls = ResultStore.put, []
+
+    def failing_put(self, *args, **kwargs):  # the disk fills after two results
+        calls.append(1)
+        if len(calls) > 2:
+            real_db = self._db
+            self._db = sqlite3.connect(":memory:")  # a connection whose writes fail:
+            self._db.execute("PRAGMA query_only = ON")  # "attempt to write a readonly database"
+            try:
+                return real_put(self, *args, **kwargs)
+            finally:
+                self._db.close()
+                self._db = real_db
+        return real_put(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResultStore, "put", failing_put)
+    assert main(["-q", "run", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not write a result" in err and "rerun to resume" in err and "\n" not in err
+    with ResultStore(out / "results.sqlite") as store:
+        assert len(store) == 2  # what was written before the error is intact
+    monkeypatch.setattr(ResultStore, "put", real_put)
+    assert main(["-q", "run", str(config), "--out", str(out)]) == 0
+    assert "6 cells, 2 already stored, 4 computed" in capsys.readouterr().out
+    reference = run_study(parse_study(spec), tmp_path / "clean", progress=False)
+    from .test_grid import table
+
+    assert table(out / "results.sqlite") == table(reference.store)

@@ -115,7 +115,7 @@ class MCDropoutModel(nn.Module):
 
 
 @DEFENSES.register("mc-dropout")
-def mc_dropout(model: nn.Module, rate: float = 0.1, placement: str = "classifier",
+def mc_dropout(model: nn.Module, rate: float = 0.1, placement: str | Sequence[str] = "classifier",
                passes: int = 10, seed: int | None = None) -> nn.Module:
     """Stochastic defense: dropout inserted at ``placement``, ``passes`` passes averaged."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -18,6 +18,8 @@ adaptive attack beside the plain one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -77,7 +79,7 @@ def as_sequential(model: nn.Module) -> nn.Module:
 @DEFENSES.register("shield")
 def stochastic_shield(model: nn.Module, filter: str = "median", size: int = 3, bits: int = 4,
                       sigma: float | None = None, rate: float = 0.1,
-                      placement: str = "classifier", passes: int = 10,
+                      placement: str | Sequence[str] = "classifier", passes: int = 10,
                       seed: int | None = None) -> Defended:
     """Stochastic-Shield around a trained ``model`` (float, quantized twin, any nn.Module).
 

@@ -105,7 +105,6 @@ def run_study(study: StudyConfig, out: str | Path, executor: str = "local",
     """Evaluate every cell of ``study`` not yet in ``<out>/results.sqlite``."""
     run = EXECUTORS.get(executor)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     cells = plan(study)
     with writer_lock(out), ResultStore(out / RESULTS) as store:

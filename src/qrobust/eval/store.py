@@ -111,12 +111,19 @@ def writer_lock(out: str | Path) -> Iterator[None]:
     directory fails at once instead of repeating (and racing) the first one's work. The lock
     is the kernel's (``flock``), so it goes with the process, however that ends."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ".qrobust.lock"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".qrobust.lock", "a+")  # noqa: SIM115 - closed below
+    except (FileExistsError, NotADirectoryError):
+        raise StoreError(f"{out} is a file, not a directory: give another output "
+                         "directory") from None
+    except OSError as err:
+        raise StoreError(f"cannot write in {out}: {err.strerror}") from None
     if fcntl is None:
+        f.close()
         yield
         return
-    with open(path, "a+") as f:
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -212,9 +219,15 @@ class ResultStore:
                   self._provenance["git_sha"],
                   json.dumps(self._provenance["versions"], sort_keys=True), time.time())
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        with self._transaction():
-            cur = self._db.execute(f"{verb} INTO results ({_COLUMNS}) VALUES "
-                                   "(?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+        try:
+            with self._transaction():
+                cur = self._db.execute(f"{verb} INTO results ({_COLUMNS}) VALUES "
+                                       "(?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+        except sqlite3.Error as err:  # a full disk, a lost mount: this row only is lost
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")  # a failed COMMIT leaves the transaction open
+            raise StoreError(f"{self.path}: could not write a result ({err}); the rows "
+                             "stored before it are intact: free space and rerun to resume") from None
         return cur.rowcount == 1
 
     def set_meta(self, name: str, value: Any) -> None:
