@@ -173,3 +173,15 @@ def test_a_write_error_mid_run_is_one_line_keeps_the_store_and_the_rerun_resumes
     from .test_grid import table
 
     assert table(out / "results.sqlite") == table(reference.store)
+
+
+def test_the_next_run_removes_what_a_killed_run_left_half_written(tmp_path):
+    out = tmp_path / "run"
+    (out / "models" / "cnn").mkdir(parents=True)
+    stale = [out / ".summary.json.abc123.tmp", out / "models" / "cnn" / ".model.safetensors.x.tmp"]
+    for f in stale:
+        f.write_bytes(b"half")
+    kept = out / "results.sqlite"
+    kept.write_bytes(b"")
+    with writer_lock(out):
+        assert not any(f.exists() for f in stale) and kept.exists()

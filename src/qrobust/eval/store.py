@@ -105,6 +105,17 @@ def cell_key(config: Mapping[str, Any]) -> str:
     return sha256(canonical_json(config).encode()).hexdigest()
 
 
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete the half-written ``.NAME.*.tmp`` files (``atomic_write_bytes``) a killed run left
+    under ``out``: safe while holding the writer lock, since no other writer is running."""
+    count = 0
+    for tmp in out.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            count += 1
+    return count
+
+
 @contextlib.contextmanager
 def writer_lock(out: str | Path) -> Iterator[None]:
     """Hold ``<out>/.qrobust.lock`` while a run writes ``out``: a second run on the same
@@ -135,6 +146,7 @@ def writer_lock(out: str | Path) -> Iterator[None]:
         f.truncate()
         f.write(f"pid {os.getpid()}")
         f.flush()
+        remove_stale_temporaries(out)
         try:
             yield
         finally:
