@@ -141,3 +141,24 @@ def test_long_defense_names_never_make_panel_titles_overlap(monkeypatch):
         assert boxes and all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
         assert all(b.x0 >= 0 and b.x1 <= fig.bbox.x1 for b in boxes)  # and inside the figure
     assert "\n" in figures[0].axes[2].get_title()  # the long one was wrapped
+
+
+def test_a_new_report_replaces_the_old_one_whole_and_leaves_other_files_alone(tmp_path):
+    synthetic_store(tmp_path / "results.sqlite")
+    out = tmp_path / "report"
+    write_report(tmp_path / "results.sqlite", out)
+    (out / "figures" / "from-an-older-report.png").write_bytes(b"old")
+    stale_stage = tmp_path / ".report.killed.tmp"  # what a killed report run left
+    stale_stage.mkdir()
+    paths = write_report(tmp_path / "results.sqlite", out)
+    assert not (out / "figures" / "from-an-older-report.png").exists()  # replaced whole
+    assert set(p.name for p in out.iterdir()) == {"report.html", "report.md", "figures"}
+    assert len(list((out / "figures").glob("*.png"))) == 7 and paths["md"].is_file()
+    assert not stale_stage.exists() and not list(tmp_path.glob(".report.*"))
+    # a directory with other files in it: the report's files are replaced, the others stay
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "notes.txt").write_text("mine")
+    write_report(tmp_path / "results.sqlite", mixed)
+    assert (mixed / "notes.txt").read_text() == "mine" and (mixed / "report.html").is_file()
+    assert len(list((mixed / "figures").glob("*.png"))) == 7

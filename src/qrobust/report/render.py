@@ -10,13 +10,15 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from qrobust.checkpoint import atomic_write_bytes
 from qrobust.eval.store import ResultStore
 from qrobust.report import plots
 from qrobust.report.fit import FORMULA, PARAMS, Fit, fit_accuracy
@@ -280,18 +282,48 @@ def to_html(rep: Report) -> str:
             + "\n".join(sections) + "</body></html>\n")
 
 
-def write_report(store_file: str | Path, out: str | Path) -> dict[str, Path]:
-    """Write ``report.html`` (self-contained), ``report.md`` and the PNGs under ``out``."""
-    rep = build_report(store_file)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+REPORT_FILES = {"report.html", "report.md", "figures"}
+
+
+def _write_files(rep: Report, out: Path) -> None:
+    (out / "figures").mkdir(parents=True, exist_ok=True)
     for f in rep.figures:
         f.name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f.name).strip("-")
-        atomic_write_bytes(out / "figures" / f"{f.name}.png",
-                           lambda tmp, f=f: Path(tmp).write_bytes(f.png))
-    html_path, md_path = out / "report.html", out / "report.md"
-    atomic_write_bytes(html_path, lambda tmp: Path(tmp).write_text(to_html(rep)))
-    atomic_write_bytes(md_path, lambda tmp: Path(tmp).write_text(to_markdown(rep, "figures")))
-    for path in (html_path, md_path, *(out / "figures").glob("*.png")):
-        path.chmod(0o644)  # mkstemp creates 0600 files; a report is meant to be shared
-    return {"html": html_path, "md": md_path}
+        (out / "figures" / f"{f.name}.png").write_bytes(f.png)
+    (out / "report.html").write_text(to_html(rep))
+    (out / "report.md").write_text(to_markdown(rep, "figures"))
+
+
+def write_report(store_file: str | Path, out: str | Path) -> dict[str, Path]:
+    """Write ``report.html`` (self-contained), ``report.md`` and the PNGs under ``out``.
+
+    The three are replaced together: the new report is written to a sibling staging
+    directory that then takes the place of ``out`` (two renames, so a reader sees the old
+    report or the new one, never a mix, and no figure of an earlier report stays behind).
+    A directory that holds anything besides a report gets the new files moved in one by one
+    instead, so nothing else in it is touched. Staging directories of a killed run are
+    removed."""
+    rep = build_report(store_file)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        _write_files(rep, stage)
+        stage.chmod(0o755)
+        if out.exists() and not set(os.listdir(out)) <= REPORT_FILES:  # not ours alone
+            (out / "figures").mkdir(parents=True, exist_ok=True)
+            for f in [*(stage / "figures").iterdir(), stage / "report.html", stage / "report.md"]:
+                os.replace(f, out / f.relative_to(stage))
+        else:
+            old = out.parent / f".{out.name}.{os.getpid()}.old.tmp"
+            if out.exists():
+                os.rename(out, old)
+            os.rename(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    for path in (out / "report.html", out / "report.md", *(out / "figures").glob("*.png")):
+        path.chmod(0o644)  # a report is meant to be shared
+    return {"html": out / "report.html", "md": out / "report.md"}
