@@ -268,6 +268,36 @@ class QuantConfig(_Strict):
     gorsline_grid: Literal["symmetric", "midrise"] = "symmetric"
 
 
+class CertifyConfig(_Strict):
+    """Certification cells: every model of the study certified by randomized smoothing on
+    ``limit`` test points (the seeded choice ``qrobust certify --limit`` makes), one row per
+    image in table ``certify``, exactly as ``qrobust certify`` with these options would write
+    them (the same keys: a study and the command share results)."""
+
+    sigma: float = Field(0.25, gt=0)
+    n0: int = Field(100, ge=1)
+    n: int = Field(10_000, ge=1)
+    alpha: float = Field(0.001, gt=0, lt=1)
+    integer: bool = False
+    noise: str = "gaussian"
+    recipe: str = "w8a8"
+    backend: Literal["reference", "onnx", "openvino"] = "onnx"
+    integer_input: Literal["wide", "clipped"] = "wide"
+    limit: int | None = Field(100, ge=1)
+    batch_size: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _noise(self) -> CertifyConfig:
+        kinds = ("gaussian", "rounded-gaussian", "discrete-gaussian") if self.integer else \
+            ("gaussian",)
+        if self.noise not in kinds:
+            raise ValueError(f"noise '{self.noise}' with integer={self.integer}; valid: "
+                             f"{', '.join(kinds)}")
+        if self.integer:
+            recipe_bits(self.recipe)  # a one-line error for a bad recipe
+        return self
+
+
 class StudyConfig(_Strict):
     name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -275,9 +305,16 @@ class StudyConfig(_Strict):
     recipes: tuple[str, ...] = Field(("fp32",), min_length=1)
     quant: QuantConfig = Field(default_factory=QuantConfig)
     defenses: tuple[DefenseConfig, ...] = Field((DefenseConfig(),), min_length=1)
-    attacks: tuple[AttackConfig, ...] = Field(min_length=1)
+    attacks: tuple[AttackConfig, ...] = ()
+    certify: tuple[CertifyConfig, ...] = ()
     seeds: tuple[int, ...] = Field((0,), min_length=1)
     batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _some_work(self) -> StudyConfig:
+        if not self.attacks and not self.certify:
+            raise ValueError("a study needs attacks, certify cells or both")
+        return self
 
     @field_validator("defenses", mode="before")
     @classmethod

@@ -105,3 +105,42 @@ def test_the_documented_ray_cluster_config_is_valid_for_ray_up():
     config = prepare_config(yaml.safe_load(path.read_text()))  # what `ray up` does first
     validate_config(config)
     assert config["provider"]["type"] == "local" and config["max_workers"] == 2
+
+
+def test_a_one_cell_certification_study_gives_what_qrobust_certify_gives(digits_ckpt, tmp_path,
+                                                                         capsys):
+    import yaml
+
+    from qrobust.cli import main
+
+    options = ["--sigma", "0.25", "--n0", "10", "--n", "120", "--alpha", "0.01", "--limit", "5",
+               "--batch-size", "100"]
+    assert main(["-q", "certify", "--ckpt", str(digits_ckpt), *options,
+                 "--out", str(tmp_path / "cli")]) == 0
+    study = {"name": "cert", "data": {"dataset": "digits"},
+             "models": [{"name": "cnn", "checkpoint": str(digits_ckpt)}],
+             "certify": [{"sigma": 0.25, "n0": 10, "n": 120, "alpha": 0.01, "limit": 5,
+                          "batch_size": 100}]}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    capsys.readouterr()
+    assert main(["-q", "run", str(config), "--out", str(tmp_path / "study")]) == 0
+    assert "certification: 5 images, 0 already stored, 5 computed" in capsys.readouterr().out
+    assert certificates(tmp_path / "study") == certificates(tmp_path / "cli")
+    with ResultStore(tmp_path / "cli" / "results.sqlite") as a, \
+            ResultStore(tmp_path / "study" / "results.sqlite") as b:
+        assert a.keys("certify") == b.keys("certify")  # the same cells, the same keys
+    # and a rerun of the study finds them all stored
+    assert main(["-q", "run", str(config), "--out", str(tmp_path / "study")]) == 0
+    assert "certification: 5 images, 5 already stored, 0 computed" in capsys.readouterr().out
+    # the report shows the cell with the command's summary numbers and its curve
+    import json
+
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert main(["-q", "report", str(tmp_path / "study")]) == 0
+    md = (tmp_path / "study" / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if "float, sigma 0.25, n 120" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "5" and float(cells[2]) == pytest.approx(
+        summary["certified_accuracy"]["0"], abs=1e-3)
+    assert (tmp_path / "study" / "report" / "figures" / "certified-accuracy.png").is_file()

@@ -42,8 +42,10 @@ def run_cmd(config: str = typer.Argument(..., help="Study YAML file."),
     out = out or f"runs/{study.name}"
     options = {"address": address} if address else {}
     s = run_study(study, out, executor, progress=cli_progress(no_progress), **options)
-    typer.echo(f"{study.name}: {s.total} cells, {s.skipped} already stored, {s.computed} computed "
-               f"in {s.seconds:.1f}s -> {s.store}")
+    certified = (f"; certification: {s.images} images, {s.images - s.images_computed} already "
+                 f"stored, {s.images_computed} computed" if study.certify else "")
+    typer.echo(f"{study.name}: {s.total} cells, {s.skipped} already stored, {s.computed} computed"
+               f"{certified} in {s.seconds:.1f}s -> {s.store}")
 
 
 def flat_rows(store_file: Path) -> list[dict]:

@@ -16,6 +16,7 @@ index, sigma, n0, n, alpha, noise, seed, ...); only the driver writes to the sto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -235,9 +236,13 @@ def run_ray(certifier: Certifier, indices: list[int], sink: Sink, progress: bool
 
 def certify_images(job: CertifyJob, out: str | Path, limit: int | None = None,
                    executor: str = "local", progress: bool | None = None,
-                   certifier: Certifier | None = None, **options: object) -> CertifyRun:
+                   certifier: Certifier | None = None, store=None,
+                   **options: object) -> CertifyRun:
     """Certify the ``limit`` test images of ``job`` (seeded choice; all if None) not yet in
-    ``<out>/results.sqlite``, then write ``<out>/summary.json`` over all of them."""
+    ``<out>/results.sqlite``, then write ``<out>/summary.json`` over all of them.
+
+    ``store``: an open :class:`~qrobust.eval.store.ResultStore` whose writer lock the caller
+    holds (a study's run): rows go there and no summary file is written."""
     from qrobust.checkpoint import atomic_write_bytes
     from qrobust.eval.store import ResultStore, cell_key, writer_lock
 
@@ -247,7 +252,13 @@ def certify_images(job: CertifyJob, out: str | Path, limit: int | None = None,
     start = time.perf_counter()
     indices = select_indices(len(certifier.y), limit).tolist()
     keys = {i: cell_key(certifier.config(i)) for i in indices}
-    with writer_lock(out), ResultStore(out / RESULTS) as store:
+    with contextlib.ExitStack() as stack:
+        if store is None:
+            stack.enter_context(writer_lock(out))
+            store = stack.enter_context(ResultStore(out / RESULTS))
+            write_summary = True
+        else:
+            write_summary = False
         pending = [i for i in indices if not store.has(keys[i])]
 
         def sink(index: int, metrics: dict) -> None:
@@ -257,7 +268,8 @@ def certify_images(job: CertifyJob, out: str | Path, limit: int | None = None,
         rows = [store.get(keys[i]) for i in indices]
         summary = {"config": certifier.base_config, "ckpt": str(job.ckpt),
                    "holds_for": certifier.holds_for, **summarize(rows)}
-        text = json.dumps(summary, indent=2, sort_keys=True)
-        atomic_write_bytes(out / SUMMARY, lambda tmp: Path(tmp).write_text(text))
+        if write_summary:
+            text = json.dumps(summary, indent=2, sort_keys=True)
+            atomic_write_bytes(out / SUMMARY, lambda tmp: Path(tmp).write_text(text))
     return CertifyRun(rows, summary, len(indices) - len(pending), len(pending),
                       time.perf_counter() - start, timings)

@@ -41,6 +41,24 @@ class RunSummary:
     computed: int
     seconds: float
     store: Path
+    images: int = 0  # certification: images planned over all certify cells
+    images_computed: int = 0
+
+
+def certification_jobs(study: StudyConfig, bench: Workbench) -> list:
+    """One :class:`~qrobust.eval.certification.CertifyJob` per (model, seed, certify cell), on
+    the model's float checkpoint: the job ``qrobust certify`` with the same options runs."""
+    from qrobust.eval.certification import CertifyJob
+
+    jobs = []
+    for model in study.models:
+        for seed in study.seeds:
+            ckpt = str(bench.checkpoint(model, seed))
+            for c in study.certify:
+                options = c.model_dump(exclude={"limit"})
+                jobs.append((CertifyJob(ckpt=ckpt, seed=seed, data_dir=study.data.data_dir,
+                                        **options), c.limit))
+    return jobs
 
 
 EXECUTORS: Registry[Callable[..., None]] = Registry("executor")
@@ -121,5 +139,14 @@ def run_study(study: StudyConfig, out: str | Path, executor: str = "local",
 
         if pending:
             run(study, out, pending, sink, progress=progress, **options)
+        images = images_computed = 0
+        if study.certify:
+            from qrobust.eval.certification import certify_images
+
+            bench = Workbench(study, out, progress=progress)
+            for job, limit in certification_jobs(study, bench):
+                done = certify_images(job, out, limit, executor, progress=progress,
+                                      store=store, **options)
+                images, images_computed = images + len(done.rows), images_computed + done.computed
     return RunSummary(len(cells), len(cells) - len(pending), len(written),
-                      time.perf_counter() - start, out / RESULTS)
+                      time.perf_counter() - start, out / RESULTS, images, images_computed)

@@ -258,6 +258,14 @@ class Workbench:
         return adapters.make_twin(self.float_model(model, seed), recipe, self.calib(seed),
                                   self.study.quant.gorsline_grid)
 
+    def checkpoint(self, model: ModelConfig, seed: int) -> Path:
+        """The float checkpoint of ``model`` (trained once and saved under out/models when the
+        study trains it): what certification cells load."""
+        if model.checkpoint is not None:
+            return Path(model.checkpoint)
+        self.float_model(model, seed)
+        return self._model_dir(model, seed)
+
     def prepare(self, cells: list[Cell]) -> None:
         """Train / load everything the cells need (before fanning out to workers)."""
         for cell in cells:

@@ -226,3 +226,19 @@ def plot_information_plane(curves: dict[str, list[dict]], path: str | Path) -> P
     ax.set_title("adversarial information plane")
     ax.legend()
     return save_png(fig, path)
+
+
+def certified_accuracy(groups: list[dict]) -> bytes:
+    """Certified accuracy against radius, a step curve per certification cell."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for g in groups:
+        m = g["members"]
+        top = max([x["radius"] for x in m] + [1.0])
+        r = np.linspace(0.0, top, 200)
+        acc = [(sum(x["correct"] and x["radius"] >= v for x in m) / len(m)) for v in r]
+        ax.plot(r, acc, label=wrap(g["label"], 3.0, 7), lw=1.2)
+    ax.set_xlabel("L2 radius (pixel units)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6)
+    return _png(fig)

@@ -44,6 +44,7 @@ class Report:
     provenance: dict = field(default_factory=dict)
     missing: int = 0  # planned cells of the latest run with no stored result
     planned: int = 0
+    certified: list[dict] = field(default_factory=list)  # one per certification cell
 
     @property
     def banner(self) -> str:
@@ -91,6 +92,30 @@ def load_rows(store_file: str | Path) -> tuple[list[dict], dict, int]:
     return [r for r in rows if r["key"] in keep], study, len(keep)
 
 
+def certification_groups(store_file: str | Path) -> list[dict]:
+    """The stored certificates grouped by certification cell (config without the image
+    index): its label, config, and the certified accuracy at radii (the summary
+    ``qrobust certify`` writes)."""
+    from qrobust.eval.certification import summarize
+    from qrobust.eval.store import canonical_json
+
+    with ResultStore(store_file) as store:
+        rows = store.rows("certify")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        cfg = {k: v for k, v in r["config"].items() if k != "index"}
+        groups.setdefault(canonical_json(cfg), []).append(r)
+    out = []
+    for text, members in sorted(groups.items()):
+        c = json.loads(text)
+        kind = (f"integer {c.get('recipe') or 'twin'} ({c['noise']}, {c['backend']})"
+                if c["integer"] else "float")
+        label = f"{c['weights_sha256'][:8]} {kind}, sigma {c['sigma']:g}, n {c['n']}"
+        out.append({"label": label, "config": c, **summarize(members),
+                    "members": [m["metrics"] for m in members]})
+    return out
+
+
 def build_report(store_file: str | Path) -> Report:
     rows, study, planned = load_rows(store_file)
     missing = max(0, planned - len({r["key"] for r in rows}))
@@ -103,7 +128,13 @@ def build_report(store_file: str | Path) -> Report:
                 "cells": len(rows),
                 "compute_seconds": round(sum(r["metrics"].get("seconds", 0) for r in rows), 1)}
     rep = Report(f"qrobust study: {study.get('name', Path(store_file).parent.name)}", study,
-                 recs, fits, provenance=prov, missing=missing, planned=planned)
+                 recs, fits, provenance=prov, missing=missing, planned=planned,
+                 certified=certification_groups(store_file))
+    if rep.certified:
+        rep.figures.append(Figure("certified-accuracy", "certified accuracy vs radius",
+                                  plots.certified_accuracy(rep.certified),
+                                  "Share of the certified test points classified correctly "
+                                  "with a certified L2 radius of at least r (pixel units)."))
     for model in sorted({r.model for r in recs}):
         mfits = {k: v for k, v in fits.items() if isinstance(v, Fit)}
         rep.figures.append(Figure(f"{model}-acc-vs-eps", f"{model}: accuracy vs eps",
@@ -183,6 +214,15 @@ def fit_table(fits: dict[tuple, Fit | str]) -> tuple[list[str], list[list[str]]]
 
 
 # -- markdown ---------------------------------------------------------------------------------
+def certification_table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
+    radii = ("0", "0.25", "0.5", "0.75", "1")
+    head = ["certification cell", "images", *[f"r={r}" for r in radii], "abstain",
+            "mean radius (correct)"]
+    body = [[g["label"], str(g["n_images"]), *[_fmt(g["certified_accuracy"][r]) for r in radii],
+             _fmt(g["abstain_rate"]), _fmt(g["mean_radius_correct"])] for g in groups]
+    return head, body
+
+
 def _md_table(head: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
@@ -202,6 +242,11 @@ def to_markdown(rep: Report, image_dir: str = ".") -> str:
               "bits = the smaller of weight/activation bits, 32 for float recipes; least squares "
               "(scipy.optimize.curve_fit); R² and RMSE on the fitted points.", "",
               _md_table(*fit_table(rep.fits)), ""]
+    if rep.certified:
+        parts += ["## Certified accuracy (randomized smoothing)", "",
+                  "Certified accuracy at L2 radius r (pixel units) over each cell's images; "
+                  "the rows `qrobust certify` writes.", "",
+                  _md_table(*certification_table(rep.certified)), ""]
     parts += ["## Figures", ""]
     parts += [f"![{f.title}]({image_dir}/{f.name}.png)" for f in rep.figures]
     parts += ["", "## Warnings", ""]
@@ -265,6 +310,10 @@ def to_html(rep: Report) -> str:
         "<h2>Twin vs integer model</h2>", no_int, *map(_img, figs["transfer"]),
         "<details><summary>transfer table</summary>", _html_table(*transfer_table(rep.recs)),
         "</details>",
+        *(["<h2>Certified accuracy (randomized smoothing)</h2>",
+            _html_table(*certification_table(rep.certified)),
+            *map(_img, [f for f in rep.figures if f.name == "certified-accuracy"])]
+          if rep.certified else []),
         "<h2>Fitted model of accuracy(bits, eps)</h2>",
         f"<p><code>{e(FORMULA)}</code></p><p>b = the smaller of weight and activation bits "
         f"({FLOAT_BITS} for float recipes); the accuracy floor is 0; least-squares fit "
