@@ -284,6 +284,7 @@ class CertifyConfig(_Strict):
     backend: Literal["reference", "onnx", "openvino"] = "onnx"
     integer_input: Literal["wide", "clipped"] = "wide"
     limit: int | None = Field(100, ge=1)
+    first: bool = False  # the first `limit` test points in order instead of a seeded choice
     batch_size: int = Field(1000, ge=1)
 
     @model_validator(mode="after")

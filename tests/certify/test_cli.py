@@ -90,3 +90,9 @@ def test_bad_arguments_give_one_line_errors(ckpt, tmp_path, capsys, args, messag
     assert _run(ckpt, tmp_path / "bad", "--limit", "1", *args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
+
+
+def test_first_certifies_the_first_images_in_order(ckpt, tmp_path):
+    assert _run(ckpt, tmp_path / "first", "--limit", "3", "--first") == 0
+    with ResultStore(tmp_path / "first" / "results.sqlite") as store:
+        assert sorted(r["config"]["index"] for r in store.rows("certify")) == [0, 1, 2]

@@ -35,7 +35,9 @@ def certify_cmd(
     integer_input: str = typer.Option("wide", "--integer-input", help="With --integer: 'wide' "
                                       "(the model sees the unclipped noisy image, as float "
                                       "smoothing does) or 'clipped' (codes clipped to [0, 255])."),
-    limit: int = typer.Option(None, "--limit", help="First N test points (seeded choice)."),
+    limit: int = typer.Option(None, "--limit", help="N test points (a seeded choice)."),
+    first: bool = typer.Option(False, "--first", help="With --limit: the first N test points "
+                               "in order instead."),
     batch_size: int = typer.Option(1000, "--batch-size", help="Noisy images per forward pass."),
     seed: int = typer.Option(0, "--seed"),
     executor: str = typer.Option("local", "--executor", help="local (this process) or ray "
@@ -62,7 +64,8 @@ def certify_cmd(
                      integer_input=integer_input, batch_size=batch_size, seed=seed,
                      device=device, data_dir=data_dir, verify=not no_verify)
     options = {"address": address, "num_cpus": workers} if executor == "ray" else {}
-    result = certify_images(job, out, limit, executor, progress=cli_progress(), **options)
+    result = certify_images(job, out, limit, executor, progress=cli_progress(), first=first,
+                            **options)
     summary = result.summary
     acc = " ".join(f"r={r}: {v:.3f}" for r, v in summary["certified_accuracy"].items())
     kind = f"integer ({summary['config']['noise']})" if integer else "float"

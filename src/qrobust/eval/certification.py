@@ -91,12 +91,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def select_indices(n_test: int, limit: int | None) -> np.ndarray:
-    """The test points ``qrobust.data.take(split, limit)`` selects (seeded permutation, sorted)."""
+def select_indices(n_test: int, limit: int | None, first: bool = False) -> np.ndarray:
+    """The test points ``qrobust.data.take(split, limit)`` selects (seeded permutation, sorted),
+    or with ``first`` the first ``limit`` in order (as published tables often use)."""
     if limit is None or limit >= n_test:
         return np.arange(n_test)
     if limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
+    if first:
+        return np.arange(limit)
     return np.sort(np.random.default_rng(0).permutation(n_test)[:limit])
 
 
@@ -236,9 +239,10 @@ def run_ray(certifier: Certifier, indices: list[int], sink: Sink, progress: bool
 
 def certify_images(job: CertifyJob, out: str | Path, limit: int | None = None,
                    executor: str = "local", progress: bool | None = None,
-                   certifier: Certifier | None = None, store=None,
+                   certifier: Certifier | None = None, store=None, first: bool = False,
                    **options: object) -> CertifyRun:
-    """Certify the ``limit`` test images of ``job`` (seeded choice; all if None) not yet in
+    """Certify the ``limit`` test images of ``job`` (seeded choice, or the first ``limit``
+    with ``first``; all if None) not yet in
     ``<out>/results.sqlite``, then write ``<out>/summary.json`` over all of them.
 
     ``store``: an open :class:`~qrobust.eval.store.ResultStore` whose writer lock the caller
@@ -250,7 +254,7 @@ def certify_images(job: CertifyJob, out: str | Path, limit: int | None = None,
     certifier = certifier or Certifier(job)
     out = Path(out)
     start = time.perf_counter()
-    indices = select_indices(len(certifier.y), limit).tolist()
+    indices = select_indices(len(certifier.y), limit, first).tolist()
     keys = {i: cell_key(certifier.config(i)) for i in indices}
     with contextlib.ExitStack() as stack:
         if store is None:

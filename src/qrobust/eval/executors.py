@@ -55,9 +55,9 @@ def certification_jobs(study: StudyConfig, bench: Workbench) -> list:
         for seed in study.seeds:
             ckpt = str(bench.checkpoint(model, seed))
             for c in study.certify:
-                options = c.model_dump(exclude={"limit"})
+                options = c.model_dump(exclude={"limit", "first"})
                 jobs.append((CertifyJob(ckpt=ckpt, seed=seed, data_dir=study.data.data_dir,
-                                        **options), c.limit))
+                                        **options), c.limit, c.first))
     return jobs
 
 
@@ -144,9 +144,9 @@ def run_study(study: StudyConfig, out: str | Path, executor: str = "local",
             from qrobust.eval.certification import certify_images
 
             bench = Workbench(study, out, progress=progress)
-            for job, limit in certification_jobs(study, bench):
+            for job, limit, first in certification_jobs(study, bench):
                 done = certify_images(job, out, limit, executor, progress=progress,
-                                      store=store, **options)
+                                      store=store, first=first, **options)
                 images, images_computed = images + len(done.rows), images_computed + done.computed
     return RunSummary(len(cells), len(cells) - len(pending), len(written),
                       time.perf_counter() - start, out / RESULTS, images, images_computed)
