@@ -40,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from qrobust.errors import ConfigError
+from qrobust.errors import ConfigError, QrobustError
 from qrobust.quant.spec import recipe_bits
 
 
@@ -60,12 +60,15 @@ def _check_types(functions: list, params: dict, kind: str, name: str) -> None:
 
     from pydantic import TypeAdapter
 
+    hints = []
+    for fn in functions:
+        try:
+            hints.append(typing.get_type_hints(fn))
+        except Exception:  # noqa: BLE001 - an unresolvable annotation is left to the call
+            continue
     for key, value in params.items():
-        for fn in functions:
-            try:
-                hint = typing.get_type_hints(fn).get(key)
-            except Exception:  # noqa: BLE001 - an unresolvable annotation is left to the call
-                continue
+        for fn_hints in hints:
+            hint = fn_hints.get(key)
             if hint is None:
                 continue
             try:
@@ -195,18 +198,12 @@ class AttackConfig(_Strict):
     def _params_build(self) -> AttackConfig:
         """Build the attack once around a stand-in model: a misspelt or badly typed parameter
         fails here, not after the models are trained."""
-        from qrobust.attacks import ATTACKS, ThreatModel, auto_estimator
-        from qrobust.errors import QrobustError
+        from qrobust.attacks import ATTACKS, ThreatModel, make_attack
 
-        params, model = dict(self.params), _stand_in_model()
-        _check_types(_init_chain(ATTACKS.get(self.name)), params, "attack", self.name)
-        try:
-            if "eot_samples" in params:  # the grid turns it into an EOT estimator
-                samples = params.pop("eot_samples")
-                if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-                    raise ValueError(f"eot_samples must be an integer >= 1, got {samples!r}")
-                params["estimator"] = auto_estimator(model, eot_samples=samples)
-            ATTACKS.get(self.name)(model, ThreatModel(self.norm, max(self.eps) or 1e-3), **params)
+        _check_types(_init_chain(ATTACKS.get(self.name)), self.params, "attack", self.name)
+        try:  # the construction the grid makes
+            threat = ThreatModel(self.norm, max(self.eps) or 1e-3)
+            make_attack(self.name, _stand_in_model(), threat, self.params)
         except (TypeError, ValueError, QrobustError) as err:
             raise _params_error("attack", self.name, err) from None
         return self
@@ -235,12 +232,10 @@ class DefenseConfig(_Strict):
         if self.name == "none":
             return self
         from qrobust.defenses import DEFENSES
-        from qrobust.errors import QrobustError
 
         params = dict(self.params)
         _check_types([DEFENSES.get(self.name)], params, "defense", self.name)
-        if not isinstance(params.get("placement", "classifier"), str) or \
-                params.get("placement") not in (None, "classifier", "linear", "relu"):
+        if params.get("placement", "classifier") not in ("classifier", "linear", "relu"):
             params.pop("placement")
         try:
             DEFENSES.get(self.name)(_stand_in_model(), **params)

@@ -11,6 +11,7 @@ from qrobust.attacks.base import (
     Attack,
     AttackResult,
     ThreatModel,
+    make_attack,
     random_targets,
 )
 from qrobust.attacks.evaluate import evaluate_robustness, robustness_curve
@@ -36,6 +37,6 @@ __all__ = [
     "AttackResult", "Autograd", "Budget", "Evaluation", "Fast", "Square", "Standard", "Suite",
     "Temperature", "ThreatModel", "attack_integer_model",
     "auto_estimator", "checks", "evaluate_robustness", "global_temperature",
-    "hessian_temperature", "is_success", "random_targets", "robustness_curve",
+    "hessian_temperature", "is_success", "make_attack", "random_targets", "robustness_curve",
     "transfer_to_integer",
 ]

@@ -271,3 +271,17 @@ class Attack:
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+
+def make_attack(name: str, model: Callable, threat: ThreatModel, params: dict) -> Attack:
+    """``ATTACKS.get(name)(model, threat, **params)``, from parameters a config file can hold:
+    ``eot_samples`` (an int >= 1) stands for ``estimator=auto_estimator(model, eot_samples)``,
+    since YAML cannot hold an estimator object. Without it the attack picks its estimator
+    itself (EOT for randomized, BPDA for non-differentiable defenses)."""
+    params = dict(params)
+    if "eot_samples" in params:
+        samples = params.pop("eot_samples")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConfigError(f"eot_samples must be an integer >= 1, got {samples!r}")
+        params["estimator"] = auto_estimator(model, eot_samples=samples)
+    return ATTACKS.get(name)(model, threat, **params)

@@ -105,24 +105,15 @@ def defend(model: Any, name: str, params: dict) -> Any:
     return DEFENSES.get(name)(model, **params)
 
 
-def reseed(model: Any, seed: int) -> None:
-    """Seed the generators of ``model``'s randomized modules (the global RNG is untouched)."""
-    from qrobust.defenses import reseed as reseed_generators
-
-    reseed_generators(model, seed)
-
-
 # -- attacks ----------------------------------------------------------------------------------
 def make_attack(name: str, model: Any, norm: str, eps: float, params: dict) -> Any:
     """``ATTACKS.get(name)(model, ThreatModel(norm, eps), **params)``: the attack picks EOT for
     randomized and BPDA for non-differentiable defenses itself (``auto_estimator``);
     ``params["eot_samples"]`` sets the number of EOT draws (default 10)."""
-    from qrobust.attacks import ATTACKS, ThreatModel, auto_estimator
+    from qrobust.attacks import ThreatModel
+    from qrobust.attacks import make_attack as build
 
-    params = dict(params)
-    if "eot_samples" in params:  # YAML cannot hold an estimator object: pick it here
-        params["estimator"] = auto_estimator(model, eot_samples=int(params.pop("eot_samples")))
-    return ATTACKS.get(name)(model, ThreatModel(norm, eps), **params)
+    return build(name, model, ThreatModel(norm, eps), params)
 
 
 def attack_points(attack: Any, x: torch.Tensor, y: torch.Tensor, batch_size: int,

@@ -17,7 +17,6 @@ index, sigma, n0, n, alpha, noise, seed, ...); only the driver writes to the sto
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -83,14 +82,6 @@ class CertifyJob:
         return CertifyJob(**{**asdict(self), "threads": threads})
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def select_indices(n_test: int, limit: int | None, first: bool = False) -> np.ndarray:
     """The test points ``qrobust.data.take(split, limit)`` selects (seeded permutation, sorted),
     or with ``first`` the first ``limit`` in order (as published tables often use)."""
@@ -111,6 +102,7 @@ class Certifier:
         from qrobust.certify.build import holds_for, noisy_classifier
         from qrobust.checkpoint import load_checkpoint, weights_path
         from qrobust.data import load_dataset, take
+        from qrobust.eval.store import file_sha256
 
         if job.threads is not None:
             torch.set_num_threads(job.threads)
@@ -212,7 +204,7 @@ def _remote_certify(job: dict, index: int) -> tuple[int, dict]:
 @EXECUTORS.register("ray")
 def run_ray(certifier: Certifier, indices: list[int], sink: Sink, progress: bool | None = None,
             address: str | None = None, num_cpus: int | None = None, **_: object) -> dict:
-    from qrobust.eval.ray_session import ray_session
+    from qrobust.eval.ray_session import as_completed, ray_session
 
     job = asdict(certifier.job.with_threads(1))  # one thread per worker; Ray runs many
     # workers need not share the driver's working directory
@@ -224,16 +216,11 @@ def run_ray(certifier: Certifier, indices: list[int], sink: Sink, progress: bool
         task = ray.remote(num_cpus=1)(_remote_certify)
         job_ref = ray.put(job)
         start = time.perf_counter()
-        pending = [task.remote(job_ref, i) for i in indices]
+        refs = [task.remote(job_ref, i) for i in indices]
         first = None
-        with progress_bar(total=len(indices), desc="certify (ray)", unit="image",
-                          progress=progress, leave=True) as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                index, metrics = ray.get(done[0])
-                first = first if first is not None else time.perf_counter() - start
-                sink(index, metrics)
-                bar.update(1)
+        for index, metrics in as_completed(ray, refs, progress, "certify (ray)", "image"):
+            first = first if first is not None else time.perf_counter() - start
+            sink(index, metrics)
     return {"ray_init_s": session["startup_s"], "first_result_s": first}
 
 

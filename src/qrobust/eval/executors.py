@@ -99,7 +99,7 @@ def _remote_cell(study_json: dict, out: str, index: int) -> tuple[int, dict, lis
 @EXECUTORS.register("ray")
 def run_ray(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink, progress: bool | None = None,
             address: str | None = None, num_cpus: int | None = None, **_: object) -> None:
-    from qrobust.eval.ray_session import ray_session
+    from qrobust.eval.ray_session import as_completed, ray_session
 
     Workbench(study, out, progress=progress).prepare(cells)  # train once, on the driver
     with ray_session(address, num_cpus) as session:
@@ -107,15 +107,11 @@ def run_ray(study: StudyConfig, out: Path, cells: list[Cell], sink: Sink, progre
         task = ray.remote(num_cpus=1)(_remote_cell)
         index = {c.key: i for i, c in enumerate(plan(study))}
         study_json = study.model_dump(mode="json")
-        pending = [task.remote(study_json, str(out), index[c.key]) for c in cells]
+        refs = [task.remote(study_json, str(out), index[c.key]) for c in cells]
         by_index = {index[c.key]: c for c in cells}
-        with progress_bar(total=len(cells), desc=f"study {study.name} (ray)", unit="cell",
-                          progress=progress, leave=True) as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                i, metrics, warnings = ray.get(done[0])
-                sink(by_index[i], metrics, warnings)
-                bar.update(1)
+        for i, metrics, warnings in as_completed(ray, refs, progress,
+                                                 f"study {study.name} (ray)", "cell"):
+            sink(by_index[i], metrics, warnings)
 
 
 def run_study(study: StudyConfig, out: str | Path, executor: str = "local",

@@ -36,7 +36,6 @@ Metrics per cell (accuracies in [0, 1] over ``n`` test points):
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -48,8 +47,9 @@ from torch import nn
 
 from qrobust.attacks.transfer import transfer_metrics
 from qrobust.config import AttackConfig, DataConfig, DefenseConfig, ModelConfig, StudyConfig
+from qrobust.defenses import reseed
 from qrobust.eval import adapters
-from qrobust.eval.store import cell_key
+from qrobust.eval.store import cell_key, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,7 @@ def _file_digest(path: str) -> str:
 @functools.lru_cache(maxsize=64)
 def _digest(file: str, size: int, mtime_ns: int) -> str:
     """sha256 prefix of a file, computed once per (path, size, mtime): plans are rebuilt often."""
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(file)[:16]
 
 
 def data_identity(data: DataConfig) -> dict:
@@ -100,11 +96,6 @@ def data_identity(data: DataConfig) -> dict:
     if data.dataset.endswith(".npz"):
         ident["dataset"] = {"npz_sha256": _file_digest(data.dataset)}
     return ident
-
-
-def _dataset_identity(data: DataConfig) -> str | dict:
-    """What a trained model's cache directory is keyed by: the dataset (an .npz's content)."""
-    return data_identity(data)["dataset"]
 
 
 def model_identity(model: ModelConfig) -> dict:
@@ -188,7 +179,7 @@ class Workbench:
     # -- models -------------------------------------------------------------------------
     def _model_dir(self, model: ModelConfig, seed: int, recipe: str | None = None) -> Path:
         ident = cell_key({"model": model_identity(model),
-                          "data": _dataset_identity(self.study.data),
+                          "data": data_identity(self.study.data)["dataset"],
                           "seed": seed, "recipe": recipe,
                           "quant": self.study.quant.model_dump(mode="json") if recipe else None})
         tag = f"{model.label}-{recipe}" if recipe else model.label
@@ -307,9 +298,9 @@ class Workbench:
                         f"({type(err).__name__}: {err})")
         x, _ = self.test_points()
         gseed = _seed_from(cell_key({"group": list(cell.group)}), cell.seed)
-        adapters.reseed(defended, gseed)
+        reseed(defended, gseed)
         clean = predict(defended, x, self.study.batch_size)
-        adapters.reseed(defended_int, gseed)
+        reseed(defended_int, gseed)
         clean_int = None if defended_int is None else predict(defended_int, x,
                                                               self.study.batch_size)
         return Group(twin, defended, integer, defended_int, note, clean, clean_int)
@@ -333,8 +324,8 @@ def evaluate_cell(bench: Workbench, cell: Cell) -> tuple[dict, list[str]]:
     x, y = bench.test_points()
     bs = bench.study.batch_size
     seed = _seed_from(cell.key, cell.seed)
-    adapters.reseed(g.defended, seed)
-    adapters.reseed(g.defended_int, seed)
+    reseed(g.defended, seed)
+    reseed(g.defended_int, seed)
     gen = torch.Generator().manual_seed(seed)
     correct = g.clean_pred == y
     x_adv, warnings = x.clone(), []

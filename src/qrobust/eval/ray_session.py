@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qrobust.errors import ConfigError
+from qrobust.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,18 @@ def start_reaper() -> subprocess.Popen | None:
     return subprocess.Popen([sys.executable, "-S", str(REAPER), str(pid), *map(str, children)],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def as_completed(ray, refs: list, progress: bool | None, desc: str,
+                 unit: str) -> Iterator:
+    """The results of Ray object refs in the order they finish, with a progress bar."""
+    pending = list(refs)
+    with progress_bar(total=len(pending), desc=desc, unit=unit, progress=progress,
+                      leave=True) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+            bar.update(1)
 
 
 @contextmanager

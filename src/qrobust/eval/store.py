@@ -116,6 +116,15 @@ def remove_stale_temporaries(out: Path) -> int:
     return count
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MB blocks."""
+    h = sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def writer_lock(out: str | Path) -> Iterator[None]:
     """Hold ``<out>/.qrobust.lock`` while a run writes ``out``: a second run on the same
