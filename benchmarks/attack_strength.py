@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from qrobust.attacks import ATTACKS, ThreatModel, evaluate_robustness
+from qrobust.attacks.evaluate import predict
 from qrobust.checkpoint import load_checkpoint
 from qrobust.data import load_dataset, take
+from qrobust.eval.robustness import RobustnessSpec, robustness_cell
 from qrobust.hardware import cpu_info
 from qrobust.provenance import provenance
 from qrobust.quant import quantize
@@ -37,7 +38,7 @@ from qrobust.quant import quantize
 
 def robust(model, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(x_adv[i:i + 500]).argmax(1) for i in range(0, len(y), 500)]) == y
+        return predict(model, x_adv, 500) == y
 
 
 def torchattacks_pgd(model, x, y, eps, steps, restarts) -> float:
@@ -65,9 +66,9 @@ def foolbox_pgd(model, x, y, eps, steps=40) -> float:
 
 
 def ours(model, name, x, y, eps) -> tuple[float, dict]:
-    atk = ATTACKS.get(name)(model, ThreatModel("linf", eps))
-    m = evaluate_robustness(model, atk, x, y, generator=torch.Generator().manual_seed(0),
-                            checks=(), batch_size=500)
+    # the unit of work of `qrobust attack`, without the masking checks (a float model)
+    m = robustness_cell(model, x, y, RobustnessSpec(name, "linf", eps, checks=(), batch_size=500),
+                        seed=0).metrics
     return m["robust_acc"], {"stage_broken": m.get("stage_broken"), "budget": m.get("budget")}
 
 

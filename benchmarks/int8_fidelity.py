@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import torch
 
+from qrobust.attacks.evaluate import predict
 from qrobust.certify import integer_base, noise_window
 from qrobust.checkpoint import load_checkpoint
 from qrobust.data import load_dataset, take
@@ -39,11 +40,6 @@ from qrobust.integer.onnx import export_int8, int8_kernels, lower_for_export, se
 from qrobust.integer.program import ConvOp, LinearOp, RequantOp, input_codes
 from qrobust.provenance import provenance
 from qrobust.quant import quantize, widen_input
-
-
-def predictions(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
 
 
 def with_codes_outputs(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -112,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         **provenance(), "recipes": {}}
     for recipe in args.recipe or ["w8a8", "w8a8,reduce-range"]:
         twin = quantize(model, recipe, calib)
-        twin_pred = predictions(twin, x)
+        twin_pred = predict(twin, x)
         program = lower_for_export(twin, ds.input_shape, "onnx")
         pixels = input_codes(program.input_op, pixel_codes(x)).to(torch.uint8).numpy()
         agreement = {}
@@ -123,20 +119,20 @@ def main(argv: list[str] | None = None) -> dict:
         agreement["weight_types_auto"] = weight_types(export_int8(program, "qdq", False))
         try:
             ov = to_integer(twin, "openvino", input_shape=ds.input_shape, threads=args.threads)
-            agreement["openvino"] = float((predictions(ov, x) == twin_pred).float().mean())
+            agreement["openvino"] = float((predict(ov, x) == twin_pred).float().mean())
         except ConfigError as err:
             agreement["openvino"] = f"refused: {err}"
         wide = widen_input(twin, *noise_window(args.sigma))
         noisy_int = integer_base(twin, args.sigma, "onnx", input_shape=ds.input_shape)
-        wide_pred = predictions(wide, x_noisy)
+        wide_pred = predict(wide, x_noisy)
         report["recipes"][recipe] = {
             "twin_accuracy": float((twin_pred == ds.test.tensors()[1]).float().mean()),
             "agreement_with_twin": agreement,
             "under_noise": {
                 "twin_vs_float_label_agreement": float(
-                    (wide_pred == predictions(model, x_noisy)).float().mean()),
+                    (wide_pred == predict(model, x_noisy)).float().mean()),
                 "integer_onnx_vs_twin_label_agreement": float(
-                    (predictions(noisy_int, x_noisy) == wide_pred).float().mean())},
+                    (predict(noisy_int, x_noisy) == wide_pred).float().mean())},
             "layers_clean_int8_weights_everywhere": layer_table(twin, x_layer, ds.input_shape, True),
             "layers_noisy_int8_weights_everywhere": layer_table(wide, x_noisy, ds.input_shape, True),
             "layers_noisy_auto": layer_table(wide, x_noisy, ds.input_shape, False),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qrobust.attacks.evaluate import predict
 from qrobust.checkpoint import load_checkpoint
 from qrobust.data import Dataset, load_dataset, take
 from qrobust.integer import to_integer
@@ -31,23 +32,17 @@ RESULTS = Path(__file__).parent / "results" / "quant_accuracy_mnist.json"
 RECIPES = ("w8a8", "w4a4", "w2a2", "w1a1")
 
 
-@torch.no_grad()
-def predictions(model, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
-
 def measure(twin, ds: Dataset, recipe: str) -> dict:
     """Accuracies and agreement from one prediction pass per model over the test set."""
     x, y = ds.test.tensors()
     t0 = time.perf_counter()
-    p_twin = predictions(twin, x)
-    p_int = predictions(to_integer(twin), x)
+    p_twin = predict(twin, x)
+    p_int = predict(to_integer(twin), x)
     row = {"twin_acc": float((p_twin == y).float().mean()),
            "integer_acc": float((p_int == y).float().mean()),
            "twin_integer_agreement": float((p_twin == p_int).float().mean())}
     if recipe.startswith("w8a8"):
-        p_ort = predictions(to_integer(twin, "onnx", input_shape=tuple(x.shape[1:])), x)
+        p_ort = predict(to_integer(twin, "onnx", input_shape=tuple(x.shape[1:])), x)
         row["ort_int8_acc"] = float((p_ort == y).float().mean())
         row["twin_ort_agreement"] = float((p_twin == p_ort).float().mean())
     row["eval_seconds"] = round(time.perf_counter() - t0, 1)

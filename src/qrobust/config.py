@@ -41,12 +41,14 @@ from pydantic import (
 )
 
 from qrobust.errors import ConfigError, QrobustError
-from qrobust.quant.spec import recipe_bits
+from qrobust.quant.spec import FLOAT_RECIPES, recipe_bits
 
 
 def _params_error(kind: str, name: str, err: Exception) -> ValueError:
     """A one-line message for parameters the attack / defense / trainer rejected."""
     text = str(err)
+    if text.startswith(f"{kind} '{name}' has no parameter"):  # already said (make_attack)
+        return ValueError(text)
     if isinstance(err, TypeError) and "unexpected keyword argument" in text:
         bad = text.rsplit("argument", 1)[1].strip(" '")
         return ValueError(f"{kind} '{name}' has no parameter '{bad}' (check the spelling)")
@@ -95,6 +97,27 @@ def _stand_in_model():
                          nn.Linear(2 * 4 * 4, 2))
 
 
+def _as_list(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+def _defense_dicts(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [{"name": d} if isinstance(d, str) else d for d in v]
+    return v
+
+
+def _check_recipes(v: tuple[str, ...]) -> tuple[str, ...]:
+    for i, r in enumerate(v):
+        try:
+            recipe_bits(r)
+        except (ConfigError, ValueError) as err:
+            raise ValueError(f"recipes[{i}]: {err}") from None
+    if len(set(v)) != len(v):
+        raise ValueError(f"recipes repeat: {list(v)}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -117,38 +140,6 @@ class DataConfig(_Strict):
         raise ValueError(f"unknown dataset '{v}'; valid: {', '.join(dataset_names())} or an .npz file")
 
 
-class ModelConfig(_Strict):
-    """Either ``arch`` (trained for the study with ``train`` overrides of
-    ``qrobust.train.default_config``) or ``checkpoint`` (a saved float model)."""
-
-    name: str | None = None
-    arch: str | None = None
-    checkpoint: str | None = None
-    train: dict[str, Any] = Field(default_factory=dict)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelConfig:
-        if (self.arch is None) == (self.checkpoint is None):
-            raise ValueError("give exactly one of 'arch' (train it) or 'checkpoint' (load it)")
-        if self.arch is not None:
-            from qrobust.models import MODELS
-
-            if self.arch not in MODELS:
-                raise ValueError(f"unknown model '{self.arch}'; valid: {', '.join(MODELS.names())}")
-            from qrobust.train import TrainConfig
-
-            unknown = set(self.train) - set(TrainConfig.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"unknown train option(s) {sorted(unknown)}; valid: "
-                                 f"{', '.join(sorted(TrainConfig.__dataclass_fields__))}")
-            _check_types([TrainConfig], self.train, "train", self.arch)
-        return self
-
-    @property
-    def label(self) -> str:
-        return self.name or self.arch or Path(self.checkpoint or "model").name
-
-
 def _parse_eps(v: Any) -> float:
     if isinstance(v, str):
         try:
@@ -169,6 +160,9 @@ class AttackConfig(_Strict):
     norm: Literal["linf", "l2"] = "linf"
     eps: tuple[float, ...] = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    # the masking checks ``qrobust attack`` runs by default (see qrobust.eval.robustness)
+    checks: tuple[Literal["gradients", "randomness", "blackbox", "temperature"], ...] = (
+        "gradients", "randomness", "blackbox", "temperature")
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -200,7 +194,8 @@ class AttackConfig(_Strict):
         fails here, not after the models are trained."""
         from qrobust.attacks import ATTACKS, ThreatModel, make_attack
 
-        _check_types(_init_chain(ATTACKS.get(self.name)), self.params, "attack", self.name)
+        typed = {k: v for k, v in self.params.items() if k != "estimator"}  # a name here
+        _check_types(_init_chain(ATTACKS.get(self.name)), typed, "attack", self.name)
         try:  # the construction the grid makes
             threat = ThreatModel(self.norm, max(self.eps) or 1e-3)
             make_attack(self.name, _stand_in_model(), threat, self.params)
@@ -254,7 +249,7 @@ class QuantConfig(_Strict):
     """How recipes are applied. ``ptq``: quantize the trained float model (calibrated on
     ``calib`` training images). ``qat``: train the quantized twin itself (STE).
     ``gorsline_grid``: the weight grid of ``gorslineB`` recipes (see
-    ``qrobust.eval.adapters.make_twin``)."""
+    ``qrobust.quant.make_twin``)."""
 
     mode: Literal["ptq", "qat"] = "ptq"
     calib: int = Field(256, ge=1)
@@ -294,6 +289,75 @@ class CertifyConfig(_Strict):
         return self
 
 
+class FinetuneConfig(_Strict):
+    """Train a defended variant of a model from its float weights (loaded or trained for the
+    study), once per (recipe, seed), cached under ``<out>/models`` by content:
+
+    * ``dq``: Defensive Quantization (``qrobust.defenses.dq.fit_dq``) at each recipe's bit
+      widths, ReLU6-clipped quantizers; ``beta: 0`` is the paper's vanilla-QAT control;
+    * ``sq-ensemble``: ``k`` stochastic-quantizer members with the diversity term
+      (``qrobust.defenses.ensemble.fit_sq_ensemble``); its recipes must be float (the
+      stochastic quantizers are its own, it has no integer program).
+
+    ``n_train``: train on that many images of a seeded permutation of the training set."""
+
+    method: Literal["dq", "sq-ensemble"]
+    beta: float = Field(0.0, ge=0.0)
+    k: int = Field(3, ge=1)
+    bits: int = Field(4, ge=1, le=8)
+    diversity_weight: float = Field(0.1, ge=0.0)
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    batch_size: int = Field(128, ge=1)
+    n_train: int | None = Field(None, ge=1)
+
+
+class ModelConfig(_Strict):
+    """Either ``arch`` (trained for the study with ``train`` overrides of
+    ``qrobust.train.default_config``) or ``checkpoint`` (a saved float model); ``finetune``
+    trains a defended variant of it. ``recipes`` / ``defenses``, when given, replace the
+    study's lists for this model (which cells exist, not what a cell computes)."""
+
+    name: str | None = None
+    arch: str | None = None
+    checkpoint: str | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    finetune: FinetuneConfig | None = None
+    recipes: tuple[str, ...] | None = Field(None, min_length=1)
+    defenses: tuple[DefenseConfig, ...] | None = Field(None, min_length=1)
+
+    _recipe_list = field_validator("recipes", mode="before")(lambda v: _as_list(v))
+    _defense_strings = field_validator("defenses", mode="before")(lambda v: _defense_dicts(v))
+
+    @field_validator("recipes")
+    @classmethod
+    def _valid_recipes(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else _check_recipes(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.arch is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of 'arch' (train it) or 'checkpoint' (load it)")
+        if self.arch is not None:
+            from qrobust.models import MODELS
+
+            if self.arch not in MODELS:
+                raise ValueError(f"unknown model '{self.arch}'; valid: {', '.join(MODELS.names())}")
+            from qrobust.train import TrainConfig
+
+            unknown = set(self.train) - set(TrainConfig.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown train option(s) {sorted(unknown)}; valid: "
+                                 f"{', '.join(sorted(TrainConfig.__dataclass_fields__))}")
+            _check_types([TrainConfig], self.train, "train", self.arch)
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch or Path(self.checkpoint or "model").name
+
+
 class StudyConfig(_Strict):
     name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -312,29 +376,31 @@ class StudyConfig(_Strict):
             raise ValueError("a study needs attacks, certify cells or both")
         return self
 
-    @field_validator("defenses", mode="before")
-    @classmethod
-    def _defense_strings(cls, v: Any) -> Any:
-        if isinstance(v, (list, tuple)):
-            return [{"name": d} if isinstance(d, str) else d for d in v]
-        return v
+    _defense_strings = field_validator("defenses", mode="before")(lambda v: _defense_dicts(v))
+    _recipe_list = field_validator("recipes", mode="before")(lambda v: _as_list(v))
+    _valid_recipes = field_validator("recipes")(lambda v: _check_recipes(v))
 
-    @field_validator("recipes", mode="before")
-    @classmethod
-    def _recipe_list(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+    def recipes_of(self, model: ModelConfig) -> tuple[str, ...]:
+        return model.recipes or self.recipes
 
-    @field_validator("recipes")
-    @classmethod
-    def _valid_recipes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for i, r in enumerate(v):
-            try:
-                recipe_bits(r)
-            except (ConfigError, ValueError) as err:
-                raise ValueError(f"recipes[{i}]: {err}") from None
-        if len(set(v)) != len(v):
-            raise ValueError(f"recipes repeat: {list(v)}")
-        return v
+    def defenses_of(self, model: ModelConfig) -> tuple[DefenseConfig, ...]:
+        return model.defenses or self.defenses
+
+    @model_validator(mode="after")
+    def _finetune_recipes(self) -> StudyConfig:
+        for i, m in enumerate(self.models):
+            method = m.finetune.method if m.finetune else None
+            floats = [r for r in self.recipes_of(m) if r in FLOAT_RECIPES]
+            if method == "sq-ensemble" and len(floats) != len(self.recipes_of(m)):
+                raise ValueError(f"models[{i}] ({m.label}): an sq-ensemble has its own "
+                                 "stochastic quantizers; give it recipes: [fp32]")
+            if method == "dq" and self.certify:
+                raise ValueError(f"models[{i}] ({m.label}): certify cells certify float "
+                                 "checkpoints; a dq model has none (certify its base model)")
+            if method == "dq" and floats:
+                raise ValueError(f"models[{i}] ({m.label}): dq fine-tunes quantized recipes; "
+                                 f"remove {floats} from its recipes")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> StudyConfig:

@@ -128,3 +128,28 @@ def test_quantized_twin_is_run_as_a_chain_with_the_same_function():
     torch.testing.assert_close(shield(X), F.log_softmax(twin(median_filter(X, 3)), -1),
                                rtol=1e-5, atol=1e-6)
     assert as_sequential(m := model()) is m
+
+
+def test_residual_twin_runs_its_body_once_and_computes_the_same_function():
+    """A resnet twin is no chain: the shield splits its graph at the classifier's input, so
+    the body runs once and only the head T (x EOT) times; the output equals the unsplit run."""
+    from qrobust.defenses.base import split_at_randomness
+    from qrobust.defenses.mc_dropout import MCDropoutModel, insert_dropout
+    from qrobust.models import ModelSpec, build_model
+    from qrobust.quant import quantize
+
+    torch.manual_seed(0)
+    net = build_model(ModelSpec("resnet20", (3, 8, 8), 4, 0.0, (0.5,) * 3, (0.25,) * 3)).eval()
+    x = torch.rand(6, 3, 8, 8, generator=gen(4))
+    twin = quantize(net, "w4a4", x)
+    dropped = insert_dropout(twin, 0.3, "classifier", gen(5))
+    prefix, rest = split_at_randomness(dropped)
+    assert not is_randomized(prefix) and is_randomized(rest)
+    assert sum(n.op == "call_module" for n in rest.graph.nodes) <= 4  # pool, fc, quantizers
+    whole = MCDropoutModel(dropped, passes=4)
+    whole._split = None  # the unsplit reference
+    split = MCDropoutModel(insert_dropout(twin, 0.3, "classifier", gen(5)), passes=4)
+    assert split._split is not None
+    torch.testing.assert_close(split(x), whole(x), rtol=0, atol=1e-6)
+    shield = stochastic_shield(twin, filter="median", rate=0.3, passes=4, seed=7)
+    assert len(shield) == 3  # filter, the twin's body, the MC head

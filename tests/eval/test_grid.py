@@ -59,7 +59,7 @@ def test_fgsm_cell_matches_a_direct_computation(tiny_study, tmp_path):
         assert metrics["robust_acc"] == pytest.approx(robust.float().mean().item())
         if cell.eps > 0 and fooled.any():
             assert metrics["mean_linf"] == pytest.approx(cell.eps, rel=1e-4)
-            assert metrics["attack_success"] == pytest.approx(fooled.sum().item() /
+            assert metrics["attack_success_rate"] == pytest.approx(fooled.sum().item() /
                                                               correct.sum().item())
         assert metrics["integer_note"] is None and metrics["robust_acc_int"] is None
         assert isinstance(warnings, list)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 
-from qrobust.attacks.gradients import auto_estimator
+from qrobust.attacks.gradients import auto_estimator, build_estimator
 from qrobust.attacks.losses import LOSSES, Loss
 from qrobust.attacks.point import Evaluation
 from qrobust.errors import ConfigError
@@ -274,14 +275,27 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
 def make_attack(name: str, model: Callable, threat: ThreatModel, params: dict) -> Attack:
-    """``ATTACKS.get(name)(model, threat, **params)``, from parameters a config file can hold:
-    ``eot_samples`` (an int >= 1) stands for ``estimator=auto_estimator(model, eot_samples)``,
-    since YAML cannot hold an estimator object. Without it the attack picks its estimator
-    itself (EOT for randomized, BPDA for non-differentiable defenses)."""
+    """``ATTACKS.get(name)(model, threat, **params)``, from parameters a config file or the
+    command line can hold: ``estimator`` a name of ``qrobust.attacks.gradients.ESTIMATORS``
+    (default ``auto``: EOT for randomized, BPDA for non-differentiable defenses) and
+    ``eot_samples`` (an int >= 1, default 10) its EOT draws, since YAML cannot hold an
+    estimator object."""
     params = dict(params)
-    if "eot_samples" in params:
-        samples = params.pop("eot_samples")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ConfigError(f"eot_samples must be an integer >= 1, got {samples!r}")
-        params["estimator"] = auto_estimator(model, eot_samples=samples)
-    return ATTACKS.get(name)(model, threat, **params)
+    samples = params.pop("eot_samples", None)
+    kind = params.pop("estimator", None)
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
+                                or samples < 1):
+        raise ConfigError(f"eot_samples must be an integer >= 1, got {samples!r}")
+    if kind is not None and not isinstance(kind, str):
+        params["estimator"] = kind  # an estimator object (the Python API)
+    elif kind is not None or samples is not None:
+        params["estimator"] = build_estimator(kind or "auto", model, samples or 10)
+    cls = ATTACKS.get(name)
+    try:
+        return cls(model, threat, **params)
+    except TypeError as err:
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if bad is None:
+            raise
+        raise ConfigError(f"attack '{name}' has no parameter '{bad.group(1)}' (check the "
+                          "spelling)") from None

@@ -82,3 +82,12 @@ def temperature_much_stronger(plain_robust_acc: float, temperature_robust_acc: f
                 f"-> {temperature_robust_acc:.4f} with logit temperature; the plain attack saw "
                 "saturated/vanishing gradients (Gupta & Ajanthan, arXiv 2003.13511)"]
     return []
+
+
+def outside_threat_model(mean_norm: float | None, norm: str, eps: float) -> list[str]:
+    """The successful adversarial examples' mean perturbation exceeds eps (beyond float
+    rounding): the attack left its threat model and its robust accuracy means nothing."""
+    if mean_norm is None or mean_norm <= eps * (1 + 1e-5) + 1e-6:
+        return []
+    return [f"mean {norm} perturbation {mean_norm:.4g} exceeds eps {eps:.4g}: the attack left "
+            "the threat model"]

@@ -59,15 +59,21 @@ def _attack_points(attack: Attack, x: torch.Tensor, y: torch.Tensor, idx: torch.
 def evaluate_robustness(model: Model, attack: Attack, x: torch.Tensor, y: torch.Tensor, *,
                         batch_size: int = 256, generator: torch.Generator | None = None,
                         checks: Sequence[str] = DEFAULT_CHECKS, blackbox_queries: int = 300,
-                        return_adv: bool = False, progress: bool | None = None) -> dict:
+                        return_adv: bool = False, progress: bool | None = None,
+                        clean_pred: torch.Tensor | None = None) -> dict:
     """Metrics of ``attack`` against ``model`` on x (N, C, H, W) in [0, 1], y (N,).
 
     Returns a dict: n, clean_acc, robust_acc (attack only), robust_acc_worst (after the
-    follow-up attacks of the checks), attack_success_rate (among clean-correct points), the
+    follow-up attacks of the checks), attack_success_rate (among clean-correct points),
+    mean_linf / mean_l2 (perturbation norms of the successful adversarial examples), the
     attack's description (attack, norm, eps, steps, estimator, ...), gradient statistics,
     ``warnings`` (list of strings from ``qrobust.attacks.checks``) and, with ``return_adv``,
-    ``x_adv`` (N, C, H, W). ``checks`` is any subset of gradients, randomness, blackbox,
-    temperature; blackbox and temperature re-attack the points still robust (extra cost).
+    ``x_adv`` (N, C, H, W) and ``pred_adv`` (N,): the model's prediction on x_adv for the
+    attacked points, its clean prediction elsewhere. ``checks`` is any subset of gradients,
+    randomness, blackbox, temperature; blackbox and temperature re-attack the points still
+    robust (extra cost). ``clean_pred``: the model's predictions on x, if already made (a
+    randomized model's clean draw is then shared by every attack on it). At eps 0 nothing is
+    attacked: robust accuracy is a fresh prediction on x.
     """
     unknown = set(checks) - set(DEFAULT_CHECKS)
     if unknown:
@@ -75,16 +81,27 @@ def evaluate_robustness(model: Model, attack: Attack, x: torch.Tensor, y: torch.
 
         raise ConfigError(f"unknown checks {sorted(unknown)}; valid: {', '.join(DEFAULT_CHECKS)}")
     n = len(y)
-    correct = predict(model, x, batch_size) == y
+    pred = predict(model, x, batch_size) if clean_pred is None else clean_pred.clone()
+    correct = pred == y
     idx = correct.nonzero().squeeze(1)
-    x_adv, gstats = _attack_points(attack, x, y, idx, batch_size, generator, progress)
-    robust = torch.zeros(n, dtype=torch.bool, device=y.device)
-    robust[idx] = predict(model, x_adv[idx], batch_size) == y[idx]
+    if attack.threat.eps == 0:  # the identity attack: every check would only repeat it
+        x_adv, checks = x.clone(), ()
+        gstats = {"grad_evals": 0, "zero_grad_fraction": None, "small_grad_fraction": None}
+    else:
+        x_adv, gstats = _attack_points(attack, x, y, idx, batch_size, generator, progress)
+    pred[idx] = predict(model, x_adv[idx], batch_size)
+    robust = correct & (pred == y)
+    fooled = correct & ~robust
     n_correct, n_robust = int(correct.sum()), int(robust.sum())
+    delta = (x_adv - x).flatten(1)[fooled]
     metrics: dict = {"n": n, "clean_acc": n_correct / n, "robust_acc": n_robust / n,
                      "attack_success_rate": 1 - n_robust / n_correct if n_correct else None,
+                     "mean_linf": float(delta.abs().amax(1).mean()) if len(delta) else None,
+                     "mean_l2": float(delta.norm(dim=1).mean()) if len(delta) else None,
                      **attack.describe(), **gstats}
-    warnings: list[str] = []
+    warnings: list[str] = chk.outside_threat_model(
+        metrics["mean_linf"] if attack.threat.norm == "linf" else metrics["mean_l2"],
+        attack.threat.norm, attack.threat.eps)
     if "gradients" in checks:
         warnings += chk.vanishing_gradients(gstats["zero_grad_fraction"],
                                             gstats["small_grad_fraction"])
@@ -116,7 +133,7 @@ def evaluate_robustness(model: Model, attack: Attack, x: torch.Tensor, y: torch.
     metrics["robust_acc_worst"] = int(worst.sum()) / n
     metrics["warnings"] = warnings
     if return_adv:
-        metrics["x_adv"] = x_adv
+        metrics["x_adv"], metrics["pred_adv"] = x_adv, pred
     return metrics
 
 

@@ -1,6 +1,6 @@
 """FGSM (Goodfellow et al., arXiv 1412.6572), optionally from a random start
 (Wong et al., "Fast is better than free", arXiv 2001.03994): one ascent step of size
-``step_size`` (default eps; 1.25 eps with a random start) from x or a uniform point of the ball.
+``alpha`` (default eps; 1.25 eps with a random start) from x or a uniform point of the ball.
 
 It is PGD with one constant step, so it reuses PGD's ``init`` and ``step``."""
 
@@ -17,9 +17,8 @@ class FGSM(PGD):
     name = "fgsm"
 
     def __init__(self, model: Any, threat: ThreatModel, *, random_start: bool = False,
-                 step_size: float | None = None, **kwargs: Any) -> None:
+                 alpha: float | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("steps", 1)
         default = 1.25 * threat.eps if random_start else threat.eps
-        super().__init__(model, threat, alpha=step_size if step_size is not None else default,
+        super().__init__(model, threat, alpha=alpha if alpha is not None else default,
                          random_start=random_start, schedule="constant", **kwargs)
-        self.step_size = self.alpha

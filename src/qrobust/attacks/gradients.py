@@ -369,3 +369,25 @@ def auto_estimator(model: Callable, eot_samples: int = 10) -> Autograd | EOT:
     EOT over BPDA for both, plain autograd otherwise (read from the Defense attributes)."""
     base = BPDA() if not is_differentiable(model) else Autograd()
     return EOT(eot_samples, base) if is_randomized(model) else base
+
+
+ESTIMATORS = ("auto", "autograd", "bpda", "eot", "temperature-hessian", "temperature-jacobian")
+
+
+def build_estimator(kind: str, model: Callable, eot_samples: int = 10
+                    ) -> Autograd | EOT | Temperature:
+    """An estimator by name (what a config file or the command line can hold): ``auto`` is
+    :func:`auto_estimator`, ``eot`` is EOT over BPDA, ``temperature-*`` rescale the logits
+    before the auto estimator (Gupta & Ajanthan, arXiv 2003.13511)."""
+    from qrobust.errors import ConfigError
+
+    if kind not in ESTIMATORS:
+        raise ConfigError(f"unknown estimator '{kind}'; valid: {', '.join(ESTIMATORS)}")
+    if kind == "autograd":
+        return Autograd()
+    if kind == "bpda":
+        return BPDA()
+    if kind == "eot":
+        return EOT(eot_samples, BPDA())
+    base = auto_estimator(model, eot_samples)
+    return base if kind == "auto" else Temperature(kind.split("-")[1], base=base)

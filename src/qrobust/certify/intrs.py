@@ -35,70 +35,28 @@ certificate covers perturbed images on the pixel grid (8-bit images).
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Protocol
 
-import mpmath
 import torch
 
-from qrobust.certify import stats
-from qrobust.certify.noise import (
-    PMFS,
-    NoiseTable,
-    discrete_gaussian_cks,
-    discrete_gaussian_pmf,
-    noise_table,
-    rational_sigma2,
-    rounded_gaussian_pmf,
+from qrobust.certify.law import (  # noqa: F401  (law_tv, radius_eta, tail_bound: re-exported)
+    NOISE_KINDS,
+    PIXEL_LEVELS,
+    Noise,
+    law_tv,
+    radius_eta,
+    tail_bound,
 )
+from qrobust.certify.noise import NoiseTable
 from qrobust.errors import ConfigError
-from qrobust.integer.base import pixel_codes  # round(255 x) half up, clipped: the model's own
-
-PIXEL_LEVELS = 255
-NOISE_KINDS = tuple(sorted(PMFS))
+from qrobust.integer.base import pixel_codes  # noqa: F401  (re-exported)
 
 
 class PixelClassifier(Protocol):
     def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes (N, C, H, W) -> logits (N, K)."""
         ...
-
-
-@functools.lru_cache(maxsize=64)
-def law_tv(kind: str, sigma2: Fraction, bound: int, dim: int) -> float:
-    """Upper bound on TV(L^dim, R^dim), L = clip(kind noise), R = clip(round(N(0, sigma2))),
-    both clipped to [-bound, bound]: min(dim * TV_1, sqrt(1 - BC_1^(2 dim))), with TV_1 and the
-    Bhattacharyya coefficient BC_1 summed at 50 digits, then rounded up (x (1 + 1e-9))."""
-    if kind == "rounded-gaussian":
-        return 0.0
-    if kind != "discrete-gaussian":
-        raise ConfigError(f"unknown integer noise '{kind}'; valid: {', '.join(NOISE_KINDS)}")
-    a, b = discrete_gaussian_pmf(sigma2, bound), rounded_gaussian_pmf(sigma2, bound)
-    with mpmath.workdps(50):
-        tv1 = mpmath.fsum(abs(p - q) for p, q in zip(a, b, strict=True)) / 2
-        bc = mpmath.fsum(mpmath.sqrt(p * q) for p, q in zip(a, b, strict=True))
-        hellinger = mpmath.sqrt(max(mpmath.mpf(0), 1 - bc ** (2 * dim)))
-        bound_tv = min(dim * tv1, hellinger, mpmath.mpf(1))
-    return float(bound_tv) * (1 + 1e-9) + 1e-30
-
-
-def radius_eta(table: NoiseTable, dim: int, clipped: bool) -> float:
-    """Total-variation budget eta between the sampled noise law on ``dim`` coordinates and the
-    rounded Gaussian that the radius is derived for (docs/intrs_radius.md, "Bounding eta"):
-    law mismatch + dim * table rounding (+ dim * P[|round(G)| >= bound] when not clipped)."""
-    eta = law_tv(table.kind, table.sigma2, table.bound, dim) + dim * table.tv
-    if not clipped:
-        tail = rounded_gaussian_pmf(table.sigma2, table.bound)[0]
-        eta += float(2 * dim * tail) * (1 + 1e-9) + 1e-30
-    return eta
-
-
-def tail_bound(sigma2: Fraction) -> int:
-    """Default noise table bound for unclipped integer noise: 20 sigma_int codes (+1)."""
-    return math.ceil(20 * math.sqrt(sigma2)) + 1
 
 
 def noise_window(sigma: float, tails: float = 6.0) -> tuple[float, float]:
@@ -132,17 +90,12 @@ def integer_noise(twin, sigma: float, kind: str = "rounded-gaussian", wide: bool
 class IntegerNoise:
     """Integer-only noisy classifier for :class:`qrobust.certify.smoothing.Smoothed`.
 
-    ``base``: has ``forward_pixels(codes)``; ``sigma``: noise std in [0, 1] units (sigma_int =
-    255 sigma codes); ``kind``: ``rounded-gaussian`` (default: eta = 0 up to the table's
-    ~1e-12, Cohen's radius exactly) or ``discrete-gaussian`` (IntRS; its law mismatch eta,
-    4e-4 on CIFAR-10 at sigma 0.25, costs up to 0.034 radius at n = 10^4); ``clip``: the
-    smoothed classifier is that of f(clip(codes, 0, 255)) (the IntegerModel clips anyway), which
-    makes clipping the noise at +-255 exact. ``clip=False`` is for classifiers of wider
-    integer inputs (:func:`integer_base`) or unbounded ones (tests): the table spans
-    +-``bound`` codes (default 20 sigma_int) and its tail mass enters eta (~exp(-200)).
-    ``sampler``: ``table`` (the fast alias table, default) or ``cks`` (the exact
-    Canonne-Kamath-Steinke sampler, discrete Gaussian with clip=True only; about 100x slower,
-    no table term in eta).
+    ``base``: has ``forward_pixels(codes)``; the noise (``sigma`` in [0, 1] units, sigma_int =
+    255 sigma codes; ``kind``, ``clip``, ``bound``, ``sampler``) is a
+    :class:`qrobust.certify.law.Noise`, which documents them: ``rounded-gaussian`` (default,
+    Cohen's radius exactly) or ``discrete-gaussian`` (IntRS); ``clip`` (default here) for a
+    base that clips codes to [0, 255], ``clip=False`` for a widened input
+    (:func:`integer_base`) or an unbounded one (tests).
     """
 
     base: PixelClassifier
@@ -151,51 +104,41 @@ class IntegerNoise:
     clip: bool = True
     bound: int | None = None
     sampler: str = "table"
-    table: NoiseTable = field(init=False, repr=False, compare=False)
+    noise: Noise = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in NOISE_KINDS:
-            raise ConfigError(f"unknown integer noise '{self.kind}'; valid: {', '.join(NOISE_KINDS)}")
-        if self.sampler not in ("table", "cks"):
-            raise ConfigError(f"unknown sampler '{self.sampler}'; valid: cks, table")
-        if self.sampler == "cks" and (self.kind != "discrete-gaussian" or not self.clip):
-            raise ConfigError("the exact CKS sampler draws the discrete Gaussian for a clipping "
-                              "classifier: use kind='discrete-gaussian', clip=True")
-        sigma2 = rational_sigma2(self.sigma, PIXEL_LEVELS)
-        bound = self.bound or (PIXEL_LEVELS if self.clip else tail_bound(sigma2))
-        if self.clip and bound < PIXEL_LEVELS:
-            raise ConfigError(f"with clip=True the noise bound must be >= {PIXEL_LEVELS}")
+            raise ConfigError(f"unknown integer noise '{self.kind}'; valid: "
+                              f"{', '.join(NOISE_KINDS)}")
+        noise = Noise(self.kind, self.sigma, self.clip, self.bound, self.sampler)
         if self.clip and getattr(self.base, "widened", False):
             # noise clipped at +-255 is exact only for a model that clips codes to [0, 255]
             raise ConfigError("this integer model takes pixel codes beyond [0, 255] (a widened "
                               "input): smooth it with IntegerNoise(..., clip=False)")
-        object.__setattr__(self, "table", noise_table(self.kind, sigma2, int(bound)))
+        object.__setattr__(self, "noise", noise)
+
+    @property
+    def table(self) -> NoiseTable:
+        return self.noise.table
 
     @property
     def sigma_int(self) -> float:
-        return math.sqrt(self.table.sigma2)
+        return self.noise.sigma_int
 
     def noisy_codes(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Pixel codes of x (m, C, H, W) in [0, 1] plus fresh integer noise (int64)."""
-        shape = tuple(x.shape)
-        noise = (discrete_gaussian_cks(shape, self.table.sigma2, generator).to(x.device)
-                 if self.sampler == "cks" else self.table.sample(shape, generator, x.device))
-        codes = pixel_codes(x) + noise
-        return codes.clamp_(0, PIXEL_LEVELS) if self.clip else codes
+        return self.noise.sample(x, generator)
 
     @torch.no_grad()
     def labels(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return self.base.forward_pixels(self.noisy_codes(x, generator)).argmax(1)
+        return self.base.forward_pixels(self.noise.sample(x, generator)).argmax(1)
 
     def eta(self, input_shape: tuple[int, ...]) -> float:
-        dim = math.prod(input_shape)
-        if self.sampler == "cks":  # exact draws: only the law mismatch remains
-            return law_tv(self.kind, self.table.sigma2, self.table.bound, dim)
-        return radius_eta(self.table, dim, self.clip)
+        return self.noise.eta(input_shape)
 
     def radius_codes(self, p_lower: float, input_shape: tuple[int, ...]) -> float:
         """Certified L2 radius in pixel codes (docs/intrs_radius.md, Theorem 2)."""
-        return float(stats.discrete_radius(p_lower, self.sigma_int, self.eta(input_shape)))
+        return self.noise.radius_codes(p_lower, input_shape)
 
     def radius(self, p_lower: float, input_shape: tuple[int, ...]) -> float:
-        return self.radius_codes(p_lower, input_shape) / PIXEL_LEVELS
+        return self.noise.radius(p_lower, input_shape)

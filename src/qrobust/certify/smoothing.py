@@ -17,7 +17,7 @@ classifier; it is the sound one (docs/intrs_radius.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from qrobust.certify import stats
-from qrobust.certify.noise import gaussian
+from qrobust.certify.law import Noise
 from qrobust.errors import ConfigError
 from qrobust.progress import bar as progress_bar
 
@@ -66,7 +66,8 @@ class NoisyClassifier(Protocol):
 
 @dataclass(frozen=True)
 class GaussianNoise:
-    """Float smoothing: ``base`` (images in [0, 1] -> logits) on x + N(0, sigma^2 I).
+    """Float smoothing: ``base`` (images in [0, 1] -> logits) on x + N(0, sigma^2 I), the
+    :class:`qrobust.certify.law.Noise` of kind ``gaussian``.
 
     ``clip``: smooth ``base(clip(x + noise, 0, 1))`` instead, the base classifier that integer
     smoothing certifies (pixel codes are clipped to [0, 255]); a fixed post-processing of the
@@ -76,18 +77,17 @@ class GaussianNoise:
     base: nn.Module
     sigma: float
     clip: bool = False
+    noise: Noise = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.sigma > 0:
-            raise ConfigError(f"sigma must be positive, got {self.sigma}; e.g. 0.25")
+        object.__setattr__(self, "noise", Noise("gaussian", self.sigma, self.clip))
 
     @torch.no_grad()
     def labels(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        noisy = x + gaussian(tuple(x.shape), self.sigma, generator, x.dtype, x.device)
-        return self.base(noisy.clamp_(0, 1) if self.clip else noisy).argmax(1)
+        return self.base(self.noise.sample(x, generator)).argmax(1)
 
     def radius(self, p_lower: float, input_shape: tuple[int, ...]) -> float:
-        return float(stats.gaussian_radius(p_lower, self.sigma))
+        return self.noise.radius(p_lower, input_shape)
 
 
 class Smoothed:

@@ -18,10 +18,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from qrobust.certify.intrs import NOISE_KINDS, PIXEL_LEVELS, pixel_codes, tail_bound
-from qrobust.certify.noise import gaussian, noise_table, rational_sigma2
+from qrobust.certify.law import PIXEL_LEVELS, Noise, tail_bound
+from qrobust.certify.noise import rational_sigma2
 from qrobust.data import Split
-from qrobust.errors import ConfigError
 from qrobust.train import TrainConfig, TrainResult, train
 
 
@@ -36,19 +35,15 @@ class SmoothingNoise(nn.Module):
 
     def __init__(self, sigma: float, kind: str, generator: torch.Generator) -> None:
         super().__init__()
-        if kind != "gaussian" and kind not in NOISE_KINDS:
-            raise ConfigError(f"unknown smoothing noise '{kind}'; valid: gaussian, "
-                              f"{', '.join(NOISE_KINDS)}")
-        self.sigma, self.kind, self.generator = sigma, kind, generator
-        sigma2 = rational_sigma2(sigma, PIXEL_LEVELS)
-        bound = max(PIXEL_LEVELS, tail_bound(sigma2))  # as IntegerNoise(clip=False)
-        self.table = None if kind == "gaussian" else noise_table(kind, sigma2, bound)
+        self.generator = generator
+        # unclipped (the twin clips to its input window), integer noise over +-20 sigma codes
+        bound = None if kind == "gaussian" else max(PIXEL_LEVELS, tail_bound(
+            rational_sigma2(sigma, PIXEL_LEVELS)))
+        self.noise = Noise(kind, sigma, clip=False, bound=bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.table is None:
-            return x + gaussian(tuple(x.shape), self.sigma, self.generator, x.dtype, x.device)
-        codes = pixel_codes(x) + self.table.sample(tuple(x.shape), self.generator, x.device)
-        return codes.to(x.dtype) / PIXEL_LEVELS
+        noisy = self.noise.sample(x, self.generator)
+        return noisy.to(x.dtype) / PIXEL_LEVELS if self.noise.integer else noisy
 
 
 def noise_aware_qat(twin: nn.Module, train_split: Split, val_split: Split | None, sigma: float,
@@ -63,8 +58,6 @@ def noise_aware_qat(twin: nn.Module, train_split: Split, val_split: Split | None
     lr 1e-4, constant schedule); its ``noise_sigma`` is ignored. The noise generator is seeded
     with ``cfg.seed``. The twin is left in eval mode.
     """
-    if not sigma > 0:
-        raise ConfigError(f"sigma must be positive, got {sigma}")
     cfg = cfg or TrainConfig(epochs=3, optimizer="adam", lr=1e-4, schedule="constant",
                              weight_decay=0.0)
     layer = SmoothingNoise(sigma, noise, torch.Generator().manual_seed(cfg.seed))

@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import logging
 
-import torch
 import typer
 
+from qrobust.attacks.gradients import ESTIMATORS
 from qrobust.cli.app import app
 from qrobust.cli.common import DataDir, NoVerify, ckpt_option, cli_progress
 from qrobust.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-ESTIMATORS = ("auto", "autograd", "bpda", "eot", "temperature-hessian", "temperature-jacobian")
 
 
 def parse_defense(text: str) -> tuple[str, dict]:
@@ -37,18 +35,6 @@ def parse_defense(text: str) -> tuple[str, dict]:
         else:
             params[key.strip()] = value.strip()
     return name.strip(), params
-
-
-def build_estimator(kind: str, model, eot: int):
-    from qrobust.attacks import BPDA, EOT, Autograd, Temperature, auto_estimator
-
-    if kind not in ESTIMATORS:
-        raise ConfigError(f"unknown estimator '{kind}'; valid: {', '.join(ESTIMATORS)}")
-    base = auto_estimator(model, eot)
-    return {"auto": lambda: base, "autograd": Autograd, "bpda": BPDA,
-            "eot": lambda: EOT(eot, BPDA()),
-            "temperature-hessian": lambda: Temperature("hessian", base=base),
-            "temperature-jacobian": lambda: Temperature("jacobian", base=base)}[kind]()
 
 
 def describe_attack(result: dict) -> str:
@@ -95,63 +81,46 @@ def attack_cmd(
     data_dir: str = DataDir, no_verify: bool = NoVerify,
 ) -> None:
     """Robust accuracy of a checkpoint under an attack (AutoAttack-style: only points still
-    correct are attacked), with gradient-masking warnings."""
-    from qrobust.attacks import ATTACKS, Suite, ThreatModel, attack_integer_model, transfer_to_integer
-    from qrobust.attacks.evaluate import DEFAULT_CHECKS, evaluate_robustness
+    correct are attacked), with gradient-masking warnings; for quantized checkpoints the same
+    defenses around the integer model, the transfer of the adversarial examples to it and the
+    square attack on it. One unit of work with a study cell (``qrobust.eval.robustness``)."""
+    from qrobust.attacks import ATTACKS, ThreatModel
+    from qrobust.attacks.evaluate import DEFAULT_CHECKS
     from qrobust.checkpoint import load_checkpoint, read_meta
     from qrobust.data import load_dataset, take
-    from qrobust.defenses import DEFENSES
+    from qrobust.eval.robustness import RobustnessSpec, defended_pair, robustness_cell
 
-    cls = ATTACKS.get(attack)  # unknown names fail before anything is loaded
-    threat = ThreatModel(norm, eps)  # type: ignore[arg-type]
+    ATTACKS.get(attack)  # unknown names fail before anything is loaded
+    ThreatModel(norm, eps)  # type: ignore[arg-type]
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"unknown estimator '{estimator}'; valid: {', '.join(ESTIMATORS)}")
     check_list = (DEFAULT_CHECKS if checks == "all" else () if checks == "none"
                   else tuple(c.strip() for c in checks.split(",") if c.strip()))
+    defenses = [parse_defense(d) for d in defense]
+    options = {"steps": steps, "alpha": alpha, "loss": loss, "eot_samples": eot,
+               "restarts": restarts if restarts != 1 else None, "targeted": targeted or None,
+               "estimator": estimator if estimator != "auto" else None,
+               "budget_scale": budget_scale if budget_scale != 1.0 else None}
+    spec = RobustnessSpec(attack, norm, eps, {k: v for k, v in options.items() if v is not None},
+                          check_list, integer_queries=queries, batch_size=batch_size)
     quantized = read_meta(ckpt).get("kind") == "quantized"
     if quantized:
         import qrobust.quant  # noqa: F401  (registers the "quantized" checkpoint kind)
     model, meta = load_checkpoint(ckpt)
-    target = model
-    for spec in defense:
-        name, params = parse_defense(spec)
-        target = DEFENSES.get(name)(target, **params)
+    deployed = None
+    if quantized and integer:
+        from qrobust.integer import to_integer
+
+        deployed = to_integer(model, backend)
+    target, deployed, note = defended_pair(model, deployed, defenses)
+    if note:
+        log.warning(note)
     ds = load_dataset(meta["dataset"], data_dir, verify=not no_verify)
     x, y = take(ds.test, limit).tensors()
-    gen = torch.Generator().manual_seed(seed)
-    kwargs: dict = {"restarts": restarts, "loss": loss, "targeted": targeted,
-                    "estimator": build_estimator(estimator, target, eot)}
-    if steps is not None:
-        kwargs["steps"] = steps
-    if issubclass(cls, Suite):
-        kwargs["budget_scale"] = budget_scale
-    elif budget_scale != 1.0:
-        raise ConfigError(f"--budget-scale applies to the standard and fast suites, not {attack}")
-    if alpha is not None:
-        key = "alpha" if attack == "pgd" else "step_size" if attack == "fgsm" else None
-        if key is None:
-            raise ConfigError(f"--alpha applies to pgd and fgsm, not {attack}")
-        kwargs[key] = alpha
-    atk = cls(target, threat, **kwargs)
+    cell = robustness_cell(target, x, y, spec, seed, integer=deployed, progress=cli_progress())
     result: dict = {"ckpt": ckpt, "dataset": ds.name, "seed": seed, "defenses": list(defense),
-                    "quantized": quantized,
-                    **evaluate_robustness(target, atk, x, y, batch_size=batch_size, generator=gen,
-                                          checks=check_list, progress=cli_progress(),
-                                          return_adv=True)}
-    x_adv = result.pop("x_adv")
-    if quantized and integer:
-        if defense:
-            log.warning("defenses are not applied to the integer model; transfer runs undefended")
-        twin_estimator = build_estimator(estimator, model, eot)
-        atk_twin = cls(model, threat, **{**kwargs, "estimator": twin_estimator})
-        # undefended, the twin was attacked above already: its x_adv are what transfer
-        result["integer_transfer"] = transfer_to_integer(
-            model, atk_twin, x, y, backend=backend, batch_size=batch_size, generator=gen,
-            progress=cli_progress(), x_adv=None if defense else x_adv)
-        if norm == "linf":
-            from qrobust.integer import to_integer
-
-            result["integer_square"] = attack_integer_model(
-                to_integer(model, backend), threat, x, y, queries=queries, batch_size=batch_size,
-                generator=gen, progress=cli_progress())
+                    "quantized": quantized, "integer_note": note, **cell.metrics,
+                    "warnings": cell.warnings}
     if as_json:
         typer.echo(json.dumps(result, default=str))
         return
@@ -162,15 +131,14 @@ def attack_cmd(
     if result.get("stage_broken"):
         typer.echo("  broken per stage (each on the points still robust): " + ", ".join(
             f"{k} {v}" for k, v in result["stage_broken"].items() if v))
-    if "integer_transfer" in result:
-        t = result["integer_transfer"]
-        rate = "n/a" if t["transfer_rate"] is None else f"{t['transfer_rate']:.4f}"
-        typer.echo(f"integer model: clean {t['integer_clean_acc']:.4f}, robust to twin's "
-                   f"adversarials {t['integer_robust_acc']:.4f}, transfer rate {rate}, "
+    if result["clean_acc_int"] is not None:
+        rate = "n/a" if result["transfer_rate"] is None else f"{result['transfer_rate']:.4f}"
+        typer.echo(f"integer model: clean {result['clean_acc_int']:.4f}, robust to the twin's "
+                   f"adversarials {result['robust_acc_int']:.4f}, transfer rate {rate}, "
                    f"twin/integer disagreement on adversarials "
-                   f"{t['adv_disagreement'] if t['adv_disagreement'] is not None else 0.0:.4f}")
-    if "integer_square" in result:
-        s = result["integer_square"]
-        typer.echo(f"square ({queries} queries) on the integer model: robust {s['robust_acc']:.4f}")
-    for w in result["warnings"] + result.get("integer_transfer", {}).get("warnings", []):
+                   f"{result['adv_disagreement'] or 0.0:.4f}")
+    if result["robust_acc_int_square"] is not None:
+        typer.echo(f"square ({queries} queries) on the integer model: robust "
+                   f"{result['robust_acc_int_square']:.4f}")
+    for w in result["warnings"]:
         typer.echo(f"warning: {w}")

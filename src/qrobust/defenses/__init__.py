@@ -7,6 +7,7 @@ from qrobust.defenses.base import (
     DEFENSES,
     Defended,
     Defense,
+    apply_defense,
     bpda_targets,
     defend,
     is_differentiable,
@@ -19,7 +20,7 @@ from qrobust.defenses.mc_dropout import MCDropout, MCDropoutModel, insert_dropou
 
 __all__ = [
     "DEFENSES", "BitDepth", "Defended", "Defense", "GaussianFilter", "MCDropout", "MCDropoutModel",
-    "MeanFilter", "MedianFilter", "bpda_targets", "defend", "insert_dropout", "is_differentiable",
+    "MeanFilter", "MedianFilter", "apply_defense", "bpda_targets", "defend", "insert_dropout", "is_differentiable",
     "is_randomized", "reseed", "split_at_randomness",
 ]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from qrobust.registry import Registry
 
@@ -101,6 +101,11 @@ class Defended(nn.Sequential):
         return all(is_differentiable(m) for m in self)
 
 
+def apply_defense(model: object, name: str, params: dict) -> object:
+    """``DEFENSES.get(name)(model, **params)`` (a defense by config name); ``none``: ``model``."""
+    return model if name == "none" else DEFENSES.get(name)(model, **params)
+
+
 def defend(model: nn.Module, *defenses: nn.Module) -> Defended:
     """Input defenses applied in order, then ``model``: ``defend(model, median, bits)``."""
     return Defended(*defenses, model)
@@ -109,7 +114,10 @@ def defend(model: nn.Module, *defenses: nn.Module) -> Defended:
 def split_at_randomness(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """``(prefix, rest)`` with ``model(x) == rest(prefix(x))`` and ``prefix`` deterministic,
     when ``model`` is an ``nn.Sequential`` whose randomness starts at child ``i >= 1``; else
-    None. Batched EOT runs ``prefix`` once and only ``rest`` on the n replicated copies."""
+    None. Batched EOT runs ``prefix`` once and only ``rest`` on the n replicated copies.
+    A torch.fx ``GraphModule`` (a quantized twin) is split by :func:`_split_graph`."""
+    if isinstance(model, fx.GraphModule):
+        return _split_graph(model)
     if not isinstance(model, nn.Sequential):
         return None
     children = _flatten(model)
@@ -126,3 +134,30 @@ def _flatten(seq: nn.Sequential) -> list[nn.Module]:
     for m in seq:
         out.extend(_flatten(m) if isinstance(m, nn.Sequential) else [m])
     return out
+
+
+def _split_graph(model: fx.GraphModule) -> tuple[nn.Module, nn.Module] | None:
+    """Split a GraphModule at the input ``h`` of its first randomized sub-module call, when
+    every later node reads only ``h`` or later values (a residual network with dropout before
+    its classifier: the whole body is the prefix); else None."""
+    nodes = list(model.graph.nodes)
+    first = next((i for i, n in enumerate(nodes) if n.op == "call_module"
+                  and is_randomized(model.get_submodule(str(n.target)))), None)
+    if first is None or len(nodes[first].all_input_nodes) != 1:
+        return None
+    h = nodes[first].all_input_nodes[0]
+    cut = nodes.index(h)
+    later = set(nodes[cut:])
+    if h.op == "placeholder" or any(a not in later for n in nodes[cut + 1:]
+                                    for a in n.all_input_nodes):
+        return None
+    prefix, rest = fx.Graph(), fx.Graph()
+    env: dict = {}
+    for n in nodes[:cut + 1]:
+        env[n] = prefix.node_copy(n, env.__getitem__)
+    prefix.output(env[h])
+    env = {h: rest.placeholder("h")}
+    for n in nodes[cut + 1:]:
+        env[n] = rest.node_copy(n, env.__getitem__)
+    return (fx.GraphModule(model, prefix).train(model.training),
+            fx.GraphModule(model, rest).train(model.training))

@@ -11,26 +11,12 @@ Work shared across cells (the :class:`Workbench` caches it per process):
 * one quantized twin, integer model and defended model per (model, recipe, defense, seed);
 * clean predictions once per (model, recipe, defense, seed), on twin and integer model.
 
-Inside a cell the attack runs only on points the defended twin still classifies correctly
-(the others are already non-robust), in batches, with a generator seeded from the cell key:
-cells are independent of each other and of the order they run in, which is what lets the
-Ray executor reproduce the local one.
-
-Metrics per cell (accuracies in [0, 1] over ``n`` test points):
-
-* ``clean_acc`` / ``robust_acc``: defended twin on x / on x_adv;
-* ``clean_acc_int`` / ``robust_acc_int``: the integer model on x / on the twin's x_adv
-  (a transfer attack on the deployed model; None without an integer model);
-* ``transfer_rate``: of the points the integer model classifies correctly and whose x_adv
-  fools the twin, the share whose x_adv also fools the integer model (the definition of
-  ``qrobust.attacks.transfer_to_integer``); ``clean_disagreement`` / ``adv_disagreement``:
-  share of all points / of the attacked points' x_adv where twin and integer predictions
-  differ (all of these from :func:`qrobust.attacks.transfer.transfer_metrics`, the one
-  definition ``qrobust attack`` uses too);
-* ``mean_linf`` / ``mean_l2``: mean perturbation norms over the successful adversarial
-  examples (pixel units);
-* ``attack_success``: share of attacked (clean-correct) points that were fooled;
-* ``seconds``: wall time of the cell (shared work excluded).
+Each cell is one :func:`qrobust.eval.robustness.robustness_cell` (the unit of work of
+``qrobust attack`` too; its module doc defines the metrics) on the defended twin and the
+same defense around the integer model, with one generator seeded from the cell key: cells
+are independent of each other and of the order they run in, which is what lets the Ray
+executor reproduce the local one. A row adds ``integer_note`` (why there is no integer model)
+and ``seconds`` (wall time of the cell, shared work excluded).
 """
 
 from __future__ import annotations
@@ -45,16 +31,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrobust.attacks.transfer import transfer_metrics
+from qrobust.attacks.evaluate import predict
 from qrobust.config import AttackConfig, DataConfig, DefenseConfig, ModelConfig, StudyConfig
 from qrobust.defenses import reseed
-from qrobust.eval import adapters
+from qrobust.eval.robustness import RobustnessSpec, defended_pair, robustness_cell
 from qrobust.eval.store import cell_key, file_sha256
+from qrobust.integer import integer_or_reason
+from qrobust.quant.spec import FLOAT_RECIPES, recipe_bits
+from qrobust.quant.twin import make_twin
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 2  # bump when the meaning of a metric changes: old rows stop matching new keys
+PROTOCOL = 3  # bump when the meaning of a metric changes: old rows stop matching new keys
 # 2: twin/integer disagreement as transfer_metrics defines it (clean_ and adv_disagreement)
+# 3: cells are qrobust.eval.robustness cells: the masking checks of `qrobust attack`
 TABLE = "robustness"
 
 
@@ -99,7 +89,10 @@ def data_identity(data: DataConfig) -> dict:
 
 
 def model_identity(model: ModelConfig) -> dict:
-    ident = model.model_dump(mode="json")
+    """What the model's weights depend on (its recipes / defenses lists only pick cells)."""
+    ident = model.model_dump(mode="json", exclude={"recipes", "defenses"})
+    if model.finetune is None:
+        ident.pop("finetune")  # keys of studies written before fine-tuning existed stay valid
     if model.checkpoint is not None:
         ident["checkpoint_sha256"] = _file_digest(model.checkpoint)
     return ident
@@ -113,8 +106,8 @@ def plan(study: StudyConfig) -> list[Cell]:
     for model in study.models:
         ident = model_identity(model)
         for seed in study.seeds:
-            for recipe in study.recipes:
-                for defense in study.defenses:
+            for recipe in study.recipes_of(model):
+                for defense in study.defenses_of(model):
                     for attack in study.attacks:
                         for eps in attack.eps:
                             config = {
@@ -122,7 +115,8 @@ def plan(study: StudyConfig) -> list[Cell]:
                                 "model": ident, "recipe": recipe, "quant": quant,
                                 "defense": defense.model_dump(mode="json"),
                                 "attack": {"name": attack.name, "norm": attack.norm,
-                                           "params": attack.params},
+                                           "params": attack.params,
+                                           "checks": list(attack.checks)},
                                 "eps": eps, "seed": seed,
                                 # batches decide how random attacks and defenses draw
                                 "batch_size": study.batch_size,
@@ -134,6 +128,12 @@ def plan(study: StudyConfig) -> list[Cell]:
 
 def _seed_from(key: str, seed: int) -> int:
     return (int(key[:12], 16) + seed) % (2**63 - 1)
+
+
+def cell_seed(cell: Cell) -> int:
+    """The seed of the cell's one generator: from the study seed and the cell key, so that a
+    cell draws the same wherever and in whatever order it runs."""
+    return _seed_from(cell.key, cell.seed)
 
 
 @dataclass
@@ -186,11 +186,62 @@ class Workbench:
         return self.out / "models" / f"{tag}-s{seed}-{ident[:10]}"
 
     def float_model(self, model: ModelConfig, seed: int) -> nn.Module:
-        """The trained float model (loaded, or trained once and saved under out/models)."""
+        """The trained float model (loaded, or trained once and saved under out/models); for
+        an ``sq-ensemble`` fine-tune, the ensemble trained from it."""
         k = (model.label, seed)
         if k not in self._floats:
-            self._floats[k] = self._load_or_train(model, seed)
+            if model.finetune is not None and model.finetune.method == "sq-ensemble":
+                self._floats[k] = self._finetuned(model, seed, None)
+            else:
+                self._floats[k] = self._load_or_train(model, seed)
         return self._floats[k]
+
+    def _base_model(self, model: ModelConfig, seed: int) -> tuple[nn.Module, str]:
+        """The float model a fine-tune starts from, and its architecture name."""
+        from qrobust.checkpoint import read_meta
+
+        base = model.model_copy(update={"finetune": None})
+        arch = model.arch or read_meta(model.checkpoint)["model"]["arch"]
+        return self._load_or_train(base, seed), arch
+
+    def _finetuned(self, model: ModelConfig, seed: int, recipe: str | None) -> nn.Module:
+        """A ``finetune`` variant (see ``qrobust.config.FinetuneConfig``), trained once and saved
+        under out/models as a checkpoint of its own kind."""
+        from qrobust.checkpoint import load_checkpoint, save_checkpoint
+        from qrobust.data import Dataset, take
+        from qrobust.train import default_config
+
+        where = self._model_dir(model, seed, recipe)
+        if (where / "model.safetensors").is_file():
+            import qrobust.defenses  # noqa: F401  (registers the sq-ensemble checkpoint kind)
+            import qrobust.quant  # noqa: F401  (registers the quantized checkpoint kind)
+
+            return load_checkpoint(where)[0].eval()
+        ft = model.finetune
+        base, arch = self._base_model(model, seed)
+        ds = self.dataset()
+        data = Dataset(ds.name, take(ds.train, ft.n_train, seed), ds.test, ds.classes, ds.source)
+        cfg = default_config(arch, ds.name, epochs=ft.epochs, lr=ft.lr,
+                             batch_size=ft.batch_size, seed=seed)
+        log.info("fine-tuning %s%s (seed %d) on %s", model.label, f" {recipe}" if recipe else "",
+                 seed, ds.name)
+        with torch.random.fork_rng(devices=[]):  # the fits seed torch for their inits
+            if ft.method == "dq":
+                from qrobust.defenses.dq import fit_dq
+
+                wbits, abits = recipe_bits(recipe)
+                fitted = fit_dq(arch, data, cfg, wbits, abits, ft.beta, init=base,
+                                progress=self.progress)
+                kind = "quantized"
+            else:
+                from qrobust.defenses.ensemble import fit_sq_ensemble
+
+                fitted = fit_sq_ensemble(arch, data, cfg, k=ft.k, bits=ft.bits,
+                                         weight=ft.diversity_weight, progress=self.progress,
+                                         init=base)
+                kind = "sq-ensemble"
+        save_checkpoint(where, fitted.model, fitted.meta, kind=kind)
+        return fitted.model.eval()
 
     def _load_or_train(self, model: ModelConfig, seed: int, recipe: str | None = None
                        ) -> nn.Module:
@@ -228,8 +279,8 @@ class Workbench:
         with torch.random.fork_rng(devices=[]):  # weight init from seed; the caller's RNG kept
             torch.manual_seed(seed)
             skeleton = build_model(model_spec(model.arch, ds, model.dropout))
-        twin = adapters.make_twin(skeleton, recipe, self.calib(seed),
-                                  self.study.quant.gorsline_grid).train()
+        twin = make_twin(skeleton, recipe, self.calib(seed),
+                         self.study.quant.gorsline_grid).train()
         file = where / "twin.safetensors"
         if file.is_file():
             twin.load_state_dict(load_file(str(file)))
@@ -244,10 +295,12 @@ class Workbench:
         return fitted.model.eval()
 
     def twin(self, model: ModelConfig, recipe: str, seed: int) -> nn.Module:
+        if model.finetune is not None and model.finetune.method == "dq":
+            return self._finetuned(model, seed, recipe)
         if self.study.quant.mode == "qat" and recipe not in ("fp32", "float"):
             return self._load_or_train_qat(model, seed, recipe, self._model_dir(model, seed, recipe))
-        return adapters.make_twin(self.float_model(model, seed), recipe, self.calib(seed),
-                                  self.study.quant.gorsline_grid)
+        return make_twin(self.float_model(model, seed), recipe, self.calib(seed),
+                         self.study.quant.gorsline_grid)
 
     def checkpoint(self, model: ModelConfig, seed: int) -> Path:
         """The float checkpoint of ``model`` (trained once and saved under out/models when the
@@ -260,7 +313,9 @@ class Workbench:
     def prepare(self, cells: list[Cell]) -> None:
         """Train / load everything the cells need (before fanning out to workers)."""
         for cell in cells:
-            if self.study.quant.mode == "qat" and cell.recipe not in ("fp32", "float"):
+            trained_twin = (cell.model.finetune is not None and cell.model.finetune.method == "dq"
+                            or self.study.quant.mode == "qat" and cell.recipe not in FLOAT_RECIPES)
+            if trained_twin:
                 self.twin(cell.model, cell.recipe, cell.seed)
             else:
                 self.float_model(cell.model, cell.seed)
@@ -281,21 +336,15 @@ class Workbench:
                 p.requires_grad_(False)
             integer, note = (None, "quant.integer is off")
             if q.integer:
-                integer, note = adapters.make_integer(twin, recipe, q.integer_backend)
+                integer, note = integer_or_reason(twin, recipe, q.integer_backend)
             self._quantized[k] = (twin, integer, note)
         return self._quantized[k]
 
     def _build_group(self, cell: Cell) -> Group:
         twin, integer, note = self.quantized(cell.model, cell.recipe, cell.seed)
-        params = cell.defense.params
-        defended = adapters.defend(twin, cell.defense.name, params)
-        defended_int = None
-        if integer is not None:
-            try:
-                defended_int = adapters.defend(integer, cell.defense.name, params)
-            except Exception as err:  # noqa: BLE001 - recorded, the twin is still evaluated
-                note = (f"defense '{cell.defense.name}' cannot wrap the integer model "
-                        f"({type(err).__name__}: {err})")
+        defense = [(cell.defense.name, cell.defense.params)]
+        defended, defended_int, why_not = defended_pair(twin, integer, defense)
+        note = why_not or note
         x, _ = self.test_points()
         gseed = _seed_from(cell_key({"group": list(cell.group)}), cell.seed)
         reseed(defended, gseed)
@@ -306,76 +355,34 @@ class Workbench:
         return Group(twin, defended, integer, defended_int, note, clean, clean_int)
 
 
-@torch.no_grad()
-def predict(model: Any, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    if isinstance(model, nn.Module):
-        model.eval()
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
-
-def _mean(t: torch.Tensor) -> float | None:
-    return t.float().mean().item() if t.numel() else None
+def spec_of(cell: Cell, batch_size: int) -> RobustnessSpec:
+    a = cell.attack
+    return RobustnessSpec(attack=a.name, norm=a.norm, eps=cell.eps, params=a.params,
+                          checks=a.checks, batch_size=batch_size)
 
 
 def evaluate_cell(bench: Workbench, cell: Cell) -> tuple[dict, list[str]]:
-    """Metrics (see module doc) and masking warnings of one cell."""
+    """Metrics (see :mod:`qrobust.eval.robustness`) and masking warnings of one cell."""
     start = time.perf_counter()
     g = bench.group(cell)
     x, y = bench.test_points()
-    bs = bench.study.batch_size
-    seed = _seed_from(cell.key, cell.seed)
-    reseed(g.defended, seed)
-    reseed(g.defended_int, seed)
-    gen = torch.Generator().manual_seed(seed)
-    correct = g.clean_pred == y
-    x_adv, warnings = x.clone(), []
-    attacked = torch.zeros_like(correct)
-    info: dict[str, Any] = {"estimator": None, "grad_evals": 0}
-    if cell.eps > 0 and correct.any():
-        attacked = correct
-        attack = adapters.make_attack(cell.attack.name, g.defended, cell.attack.norm, cell.eps,
-                                      cell.attack.params)
-        idx = correct.nonzero().squeeze(1)
-        x_adv[idx], stats = adapters.attack_points(attack, x[idx], y[idx], bs, gen)
-        warnings = adapters.masking_warnings(g.defended, attack, x[idx], stats)
-        described = adapters.describe(attack)
-        info = {"estimator": described["estimator"], **stats,
-                **({"suite": described["suite"], "budget": described["budget"]}
-                   if "suite" in described else {})}
-    pred_adv = predict(g.defended, x_adv, bs)
-    robust = correct & (pred_adv == y)
-    fooled = correct & ~robust
-    delta = (x_adv - x).flatten(1)
-    metrics: dict[str, Any] = {
-        "n": len(y), "clean_acc": _mean(correct), "robust_acc": _mean(robust),
-        "attack_success": _mean(fooled[correct]) if correct.any() else None,
-        "mean_linf": _mean(delta[fooled].abs().amax(1)) if fooled.any() else None,
-        "mean_l2": _mean(delta[fooled].norm(dim=1)) if fooled.any() else None,
-        **info, "integer_note": g.integer_note,
-        "clean_acc_int": None, "robust_acc_int": None, "transfer_rate": None,
-        "clean_disagreement": None, "adv_disagreement": None,
-    }
-    if g.defended_int is not None:
-        pred_adv_int = predict(g.defended_int, x_adv, bs)
-        t = transfer_metrics(y, g.clean_pred, pred_adv, g.clean_pred_int, pred_adv_int,
-                             attacked)
-        metrics.update({"clean_acc_int": t["integer_clean_acc"],
-                        "robust_acc_int": t["integer_robust_acc"],
-                        **{k: t[k] for k in ("transfer_rate", "clean_disagreement",
-                                             "adv_disagreement")}})
-    eps_tol = cell.eps * (1 + 1e-5) + 1e-6
-    norm = metrics["mean_linf"] if cell.attack.norm == "linf" else metrics["mean_l2"]
-    if norm is not None and norm > eps_tol:
-        warnings.append(f"mean {cell.attack.norm} perturbation {norm:.4g} exceeds eps "
-                        f"{cell.eps:.4g}: the attack left the threat model")
-    metrics["seconds"] = round(time.perf_counter() - start, 4)
-    return metrics, warnings
+    result = robustness_cell(g.defended, x, y, spec_of(cell, bench.study.batch_size),
+                             cell_seed(cell), integer=g.defended_int,
+                             clean_pred=g.clean_pred, clean_pred_int=g.clean_pred_int)
+    metrics = {**result.metrics, "integer_note": g.integer_note,
+               "seconds": round(time.perf_counter() - start, 4)}
+    return metrics, result.warnings
+
+
+LABEL_PARAMS = ("estimator", "eot_samples", "budget_scale")  # what tells two attack rows apart
 
 
 def _attack_label(attack: dict) -> str:
-    """The attack's name; a suite run below its published budget says so."""
-    scale = (attack.get("params") or {}).get("budget_scale", 1.0)
-    return attack["name"] + (f"(budget x{scale:g})" if scale != 1.0 else "")
+    """The attack's name, with the parameters that tell attacks of one name apart (the
+    estimator, EOT draws, a suite run below its published budget)."""
+    params = attack.get("params") or {}
+    shown = [f"{k}={params[k]}" for k in LABEL_PARAMS if k in params]
+    return attack["name"] + (f"({','.join(shown)})" if shown else "")
 
 
 def row_label(cell_config: dict) -> dict:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from torch import nn
@@ -14,6 +15,8 @@ from torch import nn
 from qrobust.integer.base import IntegerModel, pixel_codes
 from qrobust.integer.program import Program, lower
 from qrobust.registry import Registry
+
+log = logging.getLogger(__name__)
 
 BACKENDS: Registry[Callable[..., IntegerModel]] = Registry("integer backend")
 
@@ -39,6 +42,23 @@ def to_integer(twin: nn.Module, backend: str = "reference", **options) -> Intege
     return BACKENDS.get(backend)(twin, **options)
 
 
+def integer_or_reason(twin: nn.Module, recipe: str, backend: str = "reference"
+                      ) -> tuple[IntegerModel | None, str | None]:
+    """(integer model, None), or (None, why there is none): a float recipe, float activations,
+    or a conversion that failed (recorded with the results rather than stopping a study)."""
+    from qrobust.quant.spec import FLOAT_RECIPES, recipe_bits
+
+    if recipe in FLOAT_RECIPES:
+        return None, None
+    if recipe_bits(recipe)[1] is None:
+        return None, f"recipe '{recipe}' keeps activations float: no integer-only model"
+    try:
+        return to_integer(twin, backend=backend), None
+    except Exception as err:  # noqa: BLE001 - any conversion failure becomes a recorded note
+        log.warning("to_integer(%s) failed: %s", recipe, err)
+        return None, f"to_integer failed for '{recipe}': {type(err).__name__}: {err}"
+
+
 @BACKENDS.register("openvino")
 def _openvino(twin: nn.Module, **options) -> IntegerModel:
     from qrobust.integer.openvino import OpenVinoIntegerModel
@@ -46,4 +66,4 @@ def _openvino(twin: nn.Module, **options) -> IntegerModel:
     return OpenVinoIntegerModel(twin, **options)
 
 
-__all__ = ["BACKENDS", "IntegerModel", "Program", "lower", "pixel_codes"]
+__all__ = ["BACKENDS", "IntegerModel", "integer_or_reason", "to_integer", "Program", "lower", "pixel_codes"]

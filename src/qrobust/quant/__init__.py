@@ -20,9 +20,10 @@ from qrobust.quant.spec import (
     recipe_bits,
     resolve_reduce_range,
 )
+from qrobust.quant.twin import MidriseWeights, make_twin
 
 __all__ = [
-    "FLOAT_RECIPES", "OBSERVERS", "Override", "QuantAct", "QuantConv2d", "QuantInput",
+    "FLOAT_RECIPES", "OBSERVERS", "MidriseWeights", "make_twin", "Override", "QuantAct", "QuantConv2d", "QuantInput",
     "QuantLinear", "QuantSpec", "QuantTwin", "Recipe", "calibrate", "fake_quantize", "functional", "observe",
     "parse_recipe", "quantize", "recipe_bits", "resolve_reduce_range", "round_ste", "save_quantized", "set_generator",
     "stochastic_round",

@@ -77,8 +77,8 @@ def accuracy_vs_eps(recs: list[Record], model: str, fits: dict[tuple, Fit] | Non
                 if not pts:
                     continue
                 eps = np.array([r.eps for r in pts])
-                acc = np.array([r.metrics["robust_acc"] for r in pts], dtype=float)
-                sd = np.array([r.spread["robust_acc"] or 0.0 for r in pts], dtype=float)
+                acc = np.array([r.robust for r in pts], dtype=float)
+                sd = np.array([r.robust_sd or 0.0 for r in pts], dtype=float)
                 ax.errorbar(eps * 255, acc, yerr=sd if sd.any() else None, marker="o", ms=3,
                             color=colors[recipe], label=recipe, capsize=2)
                 fit = (fits or {}).get((model, d, a))
@@ -103,8 +103,8 @@ def heatmap(recs: list[Record], model: str, defense: str, attack: str) -> bytes:
     eps = sorted({r.eps for r in recs})
     grid = np.full((len(recipes), len(eps)), np.nan)
     for r in recs:
-        if r.metrics["robust_acc"] is not None:
-            grid[recipes.index(r.recipe), eps.index(r.eps)] = r.metrics["robust_acc"]
+        if r.robust is not None:
+            grid[recipes.index(r.recipe), eps.index(r.eps)] = r.robust
     fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(eps), 0.9 + 0.36 * len(recipes)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto")
     for (i, j), v in np.ndenumerate(grid):
@@ -161,7 +161,7 @@ def transfer(recs: list[Record], model: str) -> bytes | None:
         for defense, marker in zip(defenses, "os^vDP", strict=False):
             mine = [r for r in pts if r.defense == defense]
             label = recipe if len(defenses) == 1 else f"{recipe} · {defense}"
-            a1.scatter([r.metrics["robust_acc"] for r in mine],
+            a1.scatter([r.robust for r in mine],
                        [r.metrics["robust_acc_int"] for r in mine], s=12, marker=marker,
                        color=colors[recipe], label=label)
         for attack, marker in zip(sorted({r.attack for r in pts}), "os^v", strict=False):
@@ -186,7 +186,7 @@ def transfer(recs: list[Record], model: str) -> bytes | None:
 
 def fit_quality(recs: list[Record], fit: Fit, title: str) -> bytes:
     """Observed vs fitted accuracy (one point per cell) with the identity line."""
-    obs = np.array([r.metrics["robust_acc"] for r in recs], dtype=float)
+    obs = np.array([r.robust for r in recs], dtype=float)
     pred = fit.predict(np.array([r.bits for r in recs]), np.array([r.eps for r in recs]))
     fig, ax = plt.subplots(figsize=(3.4, 3.2))
     ax.scatter(pred, obs, s=10, c=[r.bits for r in recs], cmap="viridis")

@@ -56,8 +56,19 @@ class Report:
 
 
 ATTACK_NOTE = ("'standard' is the worst case over APGD-CE, APGD-T and Square (AutoAttack's "
-               "standard version; '(budget xF)' when run below its published budget); 'fast' "
-               "(PGD-10) and single attacks are upper bounds that a stronger attack may lower.")
+               "standard version; 'budget_scale=F' when run below its published budget); 'fast' "
+               "(PGD-10) and single attacks are upper bounds that a stronger attack may lower. "
+               "Robust accuracy is the worst case after the attack's masking checks "
+               "(temperature-rescaled and black-box follow-up attacks on the points left); in "
+               "parentheses the attack alone, where the checks lowered it.")
+
+
+def _robust(m: dict) -> str:
+    """'worst' or 'worst (attack alone)' when the masking checks' attacks lowered it."""
+    worst, alone = m.get("robust_acc_worst"), m["robust_acc"]
+    if worst is None or alone is None or _fmt(worst) == _fmt(alone):
+        return _fmt(alone)
+    return f"{_fmt(worst)} ({_fmt(alone)})"
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -69,12 +80,12 @@ def fit_all(recs: list[Record]) -> dict[tuple, Fit | str]:
     out: dict[tuple, Fit | str] = {}
     for key in sorted({(r.model, r.defense, r.attack) for r in recs}):
         pts = [r for r in recs if (r.model, r.defense, r.attack) == key
-               and r.metrics["robust_acc"] is not None]
+               and r.robust is not None]
         if len({r.bits for r in pts}) < 2:
             out[key] = "a single bit width: nothing to fit across bits"
             continue
         out[key] = fit_accuracy(np.array([r.bits for r in pts]), np.array([r.eps for r in pts]),
-                                np.array([r.metrics["robust_acc"] for r in pts]))
+                                np.array([r.robust for r in pts]))
     return out
 
 
@@ -157,7 +168,7 @@ def build_report(store_file: str | Path) -> Report:
         for key, fit in fits.items():
             if key[0] == model and isinstance(fit, Fit):
                 pts = [r for r in recs if (r.model, r.defense, r.attack) == key
-                       and r.metrics["robust_acc"] is not None]
+                       and r.robust is not None]
                 rep.figures.append(Figure(f"{model}-fit-{key[2]}-{key[1]}",
                                           f"fit: {key[2]}, defense {key[1]}",
                                           plots.fit_quality(pts, fit, f"{key[2]} · {key[1]}")))
@@ -185,15 +196,16 @@ def summary_table(recs: list[Record]) -> tuple[list[str], list[list[str]]]:
         shown = attack if attack.startswith("standard") else f"{attack} (upper bound)"
         body.append([model, defense, shown, recipe, _fmt(any_r.metrics["clean_acc"]),
                      _fmt(any_r.metrics.get("clean_acc_int"))] +
-                    [_fmt(rs[e].metrics["robust_acc"]) if e in rs else "" for e in eps_all])
+                    [_robust(rs[e].metrics) if e in rs else "" for e in eps_all])
     return head, body
 
 
 def transfer_table(recs: list[Record]) -> tuple[list[str], list[list[str]]]:
     head = ["model", "defense", "attack", "recipe", "eps", "robust twin", "robust int",
-            "transfer rate", "adv. disagreement", "mean linf", "mean l2"]
+            "square on int", "transfer rate", "adv. disagreement", "mean linf", "mean l2"]
     body = [[r.model, r.defense, r.attack, r.recipe, f"{r.eps * 255:.3g}/255",
              _fmt(r.metrics["robust_acc"]), _fmt(r.metrics.get("robust_acc_int")),
+             _fmt(r.metrics.get("robust_acc_int_square")),
              _fmt(r.metrics.get("transfer_rate")), _fmt(r.metrics.get("adv_disagreement")),
              _fmt(r.metrics.get("mean_linf"), 4), _fmt(r.metrics.get("mean_l2"), 3)]
             for r in recs if r.eps > 0]

@@ -1,4 +1,5 @@
-"""The study's calls into quant/attacks/defenses, and the mid-rise Gorsline weight grid."""
+"""Twins by recipe name (quant.make_twin), the mid-rise Gorsline weight grid, the integer
+model or the reason there is none, and config-holdable attack parameters."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qrobust.attacks import ThreatModel, make_attack
 from qrobust.errors import ConfigError
-from qrobust.eval import adapters
+from qrobust.integer import integer_or_reason
+from qrobust.quant import MidriseWeights, make_twin, recipe_bits
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])
 def test_midrise_grid_levels_and_straight_through_gradient(bits):
-    layer = MidLinear = adapters.MidriseWeights(nn.Linear(3, 2), bits)
+    layer = MidLinear = MidriseWeights(nn.Linear(3, 2), bits)
     w = torch.linspace(-1.5, 1.5, 4001, requires_grad=True)
     q = MidLinear.q(w)
     levels = torch.unique(q.detach())
@@ -32,23 +35,23 @@ def test_midrise_grid_levels_and_straight_through_gradient(bits):
 
 def test_make_twin_gorsline_grids(digits_cnn):
     model = digits_cnn.model
-    mid = adapters.make_twin(model, "gorsline2", None, "midrise")
-    wrapped = [m for m in mid.modules() if isinstance(m, adapters.MidriseWeights)]
+    mid = make_twin(model, "gorsline2", None, "midrise")
+    wrapped = [m for m in mid.modules() if isinstance(m, MidriseWeights)]
     assert len(wrapped) == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
-    sym = adapters.make_twin(model, "gorsline2", None)  # qrobust.quant's symmetric grid
-    assert not any(isinstance(m, adapters.MidriseWeights) for m in sym.modules())
-    fp = adapters.make_twin(model, "fp32", None)
+    sym = make_twin(model, "gorsline2", None)  # qrobust.quant's symmetric grid
+    assert not any(isinstance(m, MidriseWeights) for m in sym.modules())
+    fp = make_twin(model, "fp32", None)
     x = torch.rand(4, 1, 8, 8)
     assert fp is not model and torch.equal(fp(x), model(x))
 
 
 def test_recipe_bits_and_integer_notes(digits_cnn):
-    assert adapters.recipe_bits("fp32") == (None, None)
-    assert adapters.recipe_bits("w4a8") == (4, 8)
-    assert adapters.recipe_bits("w3") == (3, None)
+    assert recipe_bits("fp32") == (None, None)
+    assert recipe_bits("w4a8") == (4, 8)
+    assert recipe_bits("w3") == (3, None)
     with pytest.raises(ConfigError):
-        adapters.recipe_bits("w0a0")
-    integer, note = adapters.make_integer(digits_cnn.model, "w3", "reference")
+        recipe_bits("w0a0")
+    integer, note = integer_or_reason(digits_cnn.model, "w3", "reference")
     assert integer is None and "activations float" in note
 
 
@@ -56,6 +59,9 @@ def test_eot_samples_param_sets_the_estimator(digits_cnn):
     from qrobust.defenses import DEFENSES
 
     defended = DEFENSES.get("mc-dropout")(digits_cnn.model, rate=0.2, passes=2)
-    attack = adapters.make_attack("pgd", defended, "linf", 0.1, {"steps": 2, "eot_samples": 3})
-    assert "eot" in adapters.describe(attack)["estimator"].lower()
-    assert getattr(attack.estimator, "n", 3) == 3
+    attack = make_attack("pgd", defended, ThreatModel("linf", 0.1), {"steps": 2, "eot_samples": 3})
+    assert attack.describe()["estimator"] == "eot3+autograd"
+    plain = make_attack("pgd", defended, ThreatModel("linf", 0.1), {"estimator": "autograd"})
+    assert plain.describe()["estimator"] == "autograd"
+    with pytest.raises(ConfigError, match="takes no parameter 'stepz'"):
+        make_attack("pgd", defended, ThreatModel("linf", 0.1), {"stepz": 2})
