@@ -92,9 +92,13 @@ def float_runtime(model, input_shape, runtime: str, threads: int):
 
 
 def certified(results, labels):
-    m = len(labels)
-    return {f"{r:g}": sum(c == y and rad >= r for (c, rad), y in zip(results, labels, strict=True))
-            / m for r in RADII}
+    """Certified accuracy at RADII of (label, radius) pairs: the library's definition."""
+    from types import SimpleNamespace
+
+    from qrobust.certify.smoothing import certified_accuracy
+
+    outcomes = [SimpleNamespace(label=c, radius=rad) for c, rad in results]
+    return {f"{r:g}": acc for r, acc in certified_accuracy(outcomes, labels, RADII).items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -69,6 +69,18 @@ BAD = [
     ('models: [{arch: mlp, train: {epochs: "six"}}]', "models[0]",
      "parameter 'epochs' must be int, got 'six'"),
     ("models: [{arch: mlp, dropout: 1.7}]", "models[0].dropout", "less than 1"),
+    ("models: [{arch: small-cnn, arch_params: {width: eight}}]", "models[0]",
+     "do not build 'small-cnn'"),
+    ("models: [{checkpoint: x, arch_params: {width: 8}}]", "models[0]",
+     "arch_params go with 'arch'"),
+    ("models: [{arch: small-cnn, finetune: {method: sq-ensemble}, recipes: [w4a4]}]", "models[0]",
+     "give it recipes: [fp32]"),
+    ("models: [{arch: small-cnn, finetune: {method: dq}, recipes: [fp32, w4a4]}]", "models[0]",
+     "remove ['fp32'] from its recipes"),
+    ("models: [{arch: small-cnn, finetune: {method: dq, epochs: 0}, recipes: [w4a4]}]",
+     "models[0].finetune.epochs", "greater than or equal to 1"),
+    ("models: [{arch: small-cnn, finetune: {method: lsq}, recipes: [w4a4]}]",
+     "models[0].finetune.method", "'dq' or 'sq-ensemble'"),
 ]
 BASE = {"models": "models: [{arch: small-cnn}]", "attacks": "attacks: [{name: fgsm, eps: [0.1]}]"}
 

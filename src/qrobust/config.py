@@ -118,6 +118,20 @@ def _check_recipes(v: tuple[str, ...]) -> tuple[str, ...]:
     return v
 
 
+def _check_arch_params(arch: str, params: dict) -> None:
+    """Build ``arch`` with ``params`` on a small input: an unknown or ill-typed option fails
+    here, before any training."""
+    if not params:
+        return
+    from qrobust.models import ModelSpec, build_model
+
+    try:
+        build_model(ModelSpec(arch, (3, 32, 32), 10, kwargs=dict(params)))
+    except Exception as err:  # noqa: BLE001 - any failure is a bad option, said in one line
+        raise ValueError(f"arch_params {params} do not build '{arch}': "
+                         f"{type(err).__name__}: {err}") from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -314,14 +328,16 @@ class FinetuneConfig(_Strict):
 
 class ModelConfig(_Strict):
     """Either ``arch`` (trained for the study with ``train`` overrides of
-    ``qrobust.train.default_config``) or ``checkpoint`` (a saved float model); ``finetune``
-    trains a defended variant of it. ``recipes`` / ``defenses``, when given, replace the
+    ``qrobust.train.default_config``, and the architecture's own ``arch_params`` such as
+    small-cnn's ``width``) or ``checkpoint`` (a saved float model); ``finetune`` trains a
+    defended variant of it. ``recipes`` / ``defenses``, when given, replace the
     study's lists for this model (which cells exist, not what a cell computes)."""
 
     name: str | None = None
     arch: str | None = None
     checkpoint: str | None = None
     train: dict[str, Any] = Field(default_factory=dict)
+    arch_params: dict[str, Any] = Field(default_factory=dict)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     finetune: FinetuneConfig | None = None
     recipes: tuple[str, ...] | None = Field(None, min_length=1)
@@ -339,11 +355,15 @@ class ModelConfig(_Strict):
     def _one_source(self) -> ModelConfig:
         if (self.arch is None) == (self.checkpoint is None):
             raise ValueError("give exactly one of 'arch' (train it) or 'checkpoint' (load it)")
+        if self.arch_params and self.arch is None:
+            raise ValueError("arch_params go with 'arch'; a checkpoint's architecture is stored "
+                             "in it")
         if self.arch is not None:
             from qrobust.models import MODELS
 
             if self.arch not in MODELS:
                 raise ValueError(f"unknown model '{self.arch}'; valid: {', '.join(MODELS.names())}")
+            _check_arch_params(self.arch, self.arch_params)
             from qrobust.train import TrainConfig
 
             unknown = set(self.train) - set(TrainConfig.__dataclass_fields__)

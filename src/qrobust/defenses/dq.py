@@ -121,9 +121,11 @@ def dq_model(model: nn.Module, wbits: int = 4, abits: int = 4,
 
 
 def fit_dq(arch: str, data, cfg, wbits: int = 4, abits: int = 4, beta: float = 3e-4,
-           init: nn.Module | None = None, progress: bool | None = None):
+           init: nn.Module | None = None, progress: bool | None = None,
+           arch_params: dict | None = None):
     """Train a DQ model of ``arch`` on ``data`` (a :class:`qrobust.data.Dataset`) with the one
-    training loop; ``init``: a trained float model to fine-tune from (else a fresh one).
+    training loop; ``init``: a trained float model to fine-tune from (else a fresh one) of
+    ``arch`` with ``arch_params`` (as :func:`qrobust.train.fit`).
 
     Returns :class:`qrobust.train.Fitted` whose model is the quantized twin and whose metadata
     adds ``quant = {"recipe": ..., "dq": {"wbits", "abits", "beta"}}``: save it as the
@@ -133,11 +135,13 @@ def fit_dq(arch: str, data, cfg, wbits: int = 4, abits: int = 4, beta: float = 3
     from qrobust.train import fit, model_spec
 
     torch.manual_seed(cfg.seed)
-    float_model = init if init is not None else build_model(model_spec(arch, data))
+    float_model = (init if init is not None
+                   else build_model(model_spec(arch, data, **(arch_params or {}))))
     calib, _ = data.train.subset(slice(0, 512)).tensors()
     twin = dq_model(float_model, wbits, abits, calib)
     terms = [LipschitzRegularizer(beta)] if beta > 0 else []
-    fitted = fit(arch, data, cfg, extra_losses=terms, progress=progress, model=twin)
+    fitted = fit(arch, data, cfg, extra_losses=terms, progress=progress, model=twin,
+                 arch_params=arch_params)
     fitted.meta["quant"] = {"recipe": twin.recipe.to_dict(),
                             "dq": {"wbits": wbits, "abits": abits, "beta": beta}}
     return fitted

@@ -91,8 +91,9 @@ def data_identity(data: DataConfig) -> dict:
 def model_identity(model: ModelConfig) -> dict:
     """What the model's weights depend on (its recipes / defenses lists only pick cells)."""
     ident = model.model_dump(mode="json", exclude={"recipes", "defenses"})
-    if model.finetune is None:
-        ident.pop("finetune")  # keys of studies written before fine-tuning existed stay valid
+    for optional in ("finetune", "arch_params"):  # keys of studies written before they existed
+        if not ident[optional]:
+            ident.pop(optional)
     if model.checkpoint is not None:
         ident["checkpoint_sha256"] = _file_digest(model.checkpoint)
     return ident
@@ -196,13 +197,19 @@ class Workbench:
                 self._floats[k] = self._load_or_train(model, seed)
         return self._floats[k]
 
-    def _base_model(self, model: ModelConfig, seed: int) -> tuple[nn.Module, str]:
-        """The float model a fine-tune starts from, and its architecture name."""
+    def _base_model(self, model: ModelConfig, seed: int) -> tuple[nn.Module, str, dict]:
+        """The float model a fine-tune starts from, its architecture name and options."""
         from qrobust.checkpoint import read_meta
 
-        base = model.model_copy(update={"finetune": None})
-        arch = model.arch or read_meta(model.checkpoint)["model"]["arch"]
-        return self._load_or_train(base, seed), arch
+        # unnamed: every fine-tune of one float model shares it (and so does an unnamed model
+        # of the study with the same arch and train options)
+        base = model.model_copy(update={"finetune": None, "name": None})
+        if model.arch is not None:
+            arch, params = model.arch, model.arch_params
+        else:
+            spec = read_meta(model.checkpoint)["model"]
+            arch, params = spec["arch"], spec.get("kwargs") or {}
+        return self._load_or_train(base, seed), arch, params
 
     def _finetuned(self, model: ModelConfig, seed: int, recipe: str | None) -> nn.Module:
         """A ``finetune`` variant (see ``qrobust.config.FinetuneConfig``), trained once and saved
@@ -218,7 +225,7 @@ class Workbench:
 
             return load_checkpoint(where)[0].eval()
         ft = model.finetune
-        base, arch = self._base_model(model, seed)
+        base, arch, arch_params = self._base_model(model, seed)
         ds = self.dataset()
         data = Dataset(ds.name, take(ds.train, ft.n_train, seed), ds.test, ds.classes, ds.source)
         cfg = default_config(arch, ds.name, epochs=ft.epochs, lr=ft.lr,
@@ -231,14 +238,14 @@ class Workbench:
 
                 wbits, abits = recipe_bits(recipe)
                 fitted = fit_dq(arch, data, cfg, wbits, abits, ft.beta, init=base,
-                                progress=self.progress)
+                                progress=self.progress, arch_params=arch_params)
                 kind = "quantized"
             else:
                 from qrobust.defenses.ensemble import fit_sq_ensemble
 
                 fitted = fit_sq_ensemble(arch, data, cfg, k=ft.k, bits=ft.bits,
                                          weight=ft.diversity_weight, progress=self.progress,
-                                         init=base)
+                                         init=base, model_kwargs=arch_params)
                 kind = "sq-ensemble"
         save_checkpoint(where, fitted.model, fitted.meta, kind=kind)
         return fitted.model.eval()
@@ -259,7 +266,8 @@ class Workbench:
         cfg = default_config(model.arch, ds.name, **{**model.train, "seed": seed})
         log.info("training %s (seed %d) on %s", model.label, seed, ds.name)
         with torch.random.fork_rng(devices=[]):  # fit seeds the global RNG for weight init
-            fitted = fit(model.arch, ds, cfg, dropout=model.dropout, progress=self.progress)
+            fitted = fit(model.arch, ds, cfg, dropout=model.dropout, progress=self.progress,
+                         arch_params=model.arch_params)
         save_checkpoint(where, fitted.model, fitted.meta)
         return fitted.model.eval()
 
@@ -278,7 +286,7 @@ class Workbench:
                              "checkpoint: give 'arch' instead")
         with torch.random.fork_rng(devices=[]):  # weight init from seed; the caller's RNG kept
             torch.manual_seed(seed)
-            skeleton = build_model(model_spec(model.arch, ds, model.dropout))
+            skeleton = build_model(model_spec(model.arch, ds, model.dropout, **model.arch_params))
         twin = make_twin(skeleton, recipe, self.calib(seed),
                          self.study.quant.gorsline_grid).train()
         file = where / "twin.safetensors"
@@ -289,7 +297,7 @@ class Workbench:
         log.info("QAT %s %s (seed %d) on %s", model.label, recipe, seed, ds.name)
         with torch.random.fork_rng(devices=[]):
             fitted = fit(model.arch, ds, cfg, dropout=model.dropout, progress=self.progress,
-                         model=twin)
+                         model=twin, arch_params=model.arch_params)
         state = {k: v.detach().contiguous() for k, v in fitted.model.state_dict().items()}
         atomic_write_bytes(file, lambda tmp: save_file(state, tmp))
         return fitted.model.eval()

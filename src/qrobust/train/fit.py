@@ -26,11 +26,13 @@ def model_spec(arch: str, data: Dataset, dropout: float = 0.0, **kwargs) -> Mode
 
 def fit(arch: str, data: Dataset, cfg: TrainConfig, *, dropout: float = 0.0,
         extra_losses: Sequence[LossTerm] = (), progress: bool | None = None,
-        model: nn.Module | None = None) -> Fitted:
-    """Train ``arch`` (or a given ``model``) on ``data`` and measure test accuracy."""
+        model: nn.Module | None = None, arch_params: dict | None = None) -> Fitted:
+    """Train ``arch`` (or a given ``model``) on ``data`` and measure test accuracy.
+    ``arch_params``: the architecture's own options (``width`` of small-cnn), stored in the
+    checkpoint's model spec."""
     import torch
 
-    spec = model_spec(arch, data, dropout)
+    spec = model_spec(arch, data, dropout, **(arch_params or {}))
     torch.manual_seed(cfg.seed)
     model = model if model is not None else build_model(spec)
     tr, val = train_val_split(data.train, cfg.val_fraction, cfg.seed)
