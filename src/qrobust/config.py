@@ -313,7 +313,8 @@ class FinetuneConfig(_Strict):
       (``qrobust.defenses.ensemble.fit_sq_ensemble``); its recipes must be float (the
       stochastic quantizers are its own, it has no integer program).
 
-    ``n_train``: train on that many images of a seeded permutation of the training set."""
+    ``n_train``: train on that many images of a permutation of the training set seeded by
+    ``subset_seed`` (default: the study seed of the cell)."""
 
     method: Literal["dq", "sq-ensemble"]
     beta: float = Field(0.0, ge=0.0)
@@ -324,6 +325,7 @@ class FinetuneConfig(_Strict):
     lr: float = Field(0.01, gt=0.0)
     batch_size: int = Field(128, ge=1)
     n_train: int | None = Field(None, ge=1)
+    subset_seed: int | None = None
 
 
 class ModelConfig(_Strict):

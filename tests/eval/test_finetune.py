@@ -54,3 +54,19 @@ def test_finetunes_share_one_float_model_and_rerun_trains_nothing(tmp_path):
     assert (again.skipped, again.computed) == (4, 0)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "models").rglob("*")
             if p.is_file()} == stamps
+
+
+def test_model_identity_holds_what_the_weights_depend_on():
+    from qrobust.eval.grid import model_identity
+
+    def ident(**finetune):
+        return model_identity(parse_study({**study(), "models": [
+            {**BASE, "name": "dq", "recipes": ["w4a4"],
+             "finetune": {"method": "dq", **finetune}}]}).models[0])
+
+    plain = ident()
+    assert "subset_seed" not in plain["finetune"]  # keys written before it existed stay valid
+    assert ident(subset_seed=2) != plain and ident(beta=0.1) != plain
+    assert ident(subset_seed=2) == ident(subset_seed=2)
+    recipes_only = parse_study({**study(), "models": [{**BASE, "recipes": ["w8a8"]}]}).models[0]
+    assert model_identity(recipes_only) == model_identity(parse_study(study()).models[0])

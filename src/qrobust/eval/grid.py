@@ -94,6 +94,8 @@ def model_identity(model: ModelConfig) -> dict:
     for optional in ("finetune", "arch_params"):  # keys of studies written before they existed
         if not ident[optional]:
             ident.pop(optional)
+    if "finetune" in ident and ident["finetune"]["subset_seed"] is None:
+        ident["finetune"].pop("subset_seed")
     if model.checkpoint is not None:
         ident["checkpoint_sha256"] = _file_digest(model.checkpoint)
     return ident
@@ -227,7 +229,8 @@ class Workbench:
         ft = model.finetune
         base, arch, arch_params = self._base_model(model, seed)
         ds = self.dataset()
-        data = Dataset(ds.name, take(ds.train, ft.n_train, seed), ds.test, ds.classes, ds.source)
+        subset = take(ds.train, ft.n_train, seed if ft.subset_seed is None else ft.subset_seed)
+        data = Dataset(ds.name, subset, ds.test, ds.classes, ds.source)
         cfg = default_config(arch, ds.name, epochs=ft.epochs, lr=ft.lr,
                              batch_size=ft.batch_size, seed=seed)
         log.info("fine-tuning %s%s (seed %d) on %s", model.label, f" {recipe}" if recipe else "",
