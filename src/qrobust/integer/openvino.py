@@ -20,14 +20,12 @@ import functools
 
 import numpy as np
 import onnx
-import torch
 from torch import nn
 
 from qrobust.errors import ConfigError
-from qrobust.integer.base import IntegerModel
 from qrobust.integer.int8 import Int8Kernels, kernels
 from qrobust.integer.onnx import export_int8, lower_for_export, weight_types
-from qrobust.integer.program import input_codes
+from qrobust.integer.onnx.session import ExportedIntegerModel
 
 
 def require_openvino():
@@ -61,7 +59,7 @@ def int8_kernels() -> Int8Kernels:
     return kernels(f"openvino {ov.__version__}", run)
 
 
-class OpenVinoIntegerModel(IntegerModel):
+class OpenVinoIntegerModel(ExportedIntegerModel):
     """OpenVINO int8 execution of a calibrated 8-bit twin (input shape fixed at export).
 
     OpenVINO has no exact integer kernel for weights whose u8 x s8 pair sums can saturate on a
@@ -89,11 +87,6 @@ class OpenVinoIntegerModel(IntegerModel):
                 "use the onnx backend (exact u8 x u8 kernels)")
         self.compiled = compile_onnx(self.proto, threads)
 
-    def deployment(self) -> dict:
-        return {**super().deployment(), **self.kernels.to_dict(),
-                "weight_types": weight_types(self.proto)}
-
-    @torch.no_grad()
-    def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:
-        u8 = input_codes(self.program.input_op, codes).to(torch.uint8).numpy()
-        return torch.from_numpy(self.compiled({"pixels": u8})[self.compiled.output(0)].copy())
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        # a copy: OpenVINO reuses its output buffer on the next request
+        return self.compiled({"pixels": pixels})[self.compiled.output(0)].copy()

@@ -59,7 +59,29 @@ def int8_kernels() -> Int8Kernels:
     return kernels(f"onnxruntime {ort.__version__}", run)
 
 
-class OnnxIntegerModel(IntegerModel):
+class ExportedIntegerModel(IntegerModel):
+    """An integer program exported as an int8 graph (``self.proto``) and run by a runtime
+    whose int8 kernels on this CPU are ``self.kernels``: subclasses set both and ``run``."""
+
+    program: object
+    proto: onnx.ModelProto
+    kernels: Int8Kernels
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) of uint8 input codes (N, C, H, W), in an array of its own."""
+        raise NotImplementedError
+
+    def deployment(self) -> dict:
+        return {**super().deployment(), **self.kernels.to_dict(),
+                "weight_types": weight_types(self.proto)}
+
+    @torch.no_grad()
+    def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:
+        u8 = input_codes(self.program.input_op, codes).to(torch.uint8).numpy()
+        return torch.from_numpy(self.run(u8))
+
+
+class OnnxIntegerModel(ExportedIntegerModel):
     """ONNX Runtime int8 execution of a calibrated 8-bit twin (input shape fixed at export).
 
     Weights are int8 (ORT's fast u8 x s8 kernels) where those are exact on this CPU or cannot
@@ -83,11 +105,5 @@ class OnnxIntegerModel(IntegerModel):
                         "'reduce-range' recipe for the fast kernels.", self.kernels.runtime,
                         self.kernels.cpu.describe(), slow, len(weight_types(self.proto)))
 
-    def deployment(self) -> dict:
-        return {**super().deployment(), **self.kernels.to_dict(),
-                "weight_types": weight_types(self.proto)}
-
-    @torch.no_grad()
-    def forward_pixels(self, codes: torch.Tensor) -> torch.Tensor:
-        u8 = input_codes(self.program.input_op, codes).to(torch.uint8).numpy()
-        return torch.from_numpy(self.session.run(["logits"], {"pixels": u8})[0])
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"pixels": pixels})[0]
