@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qrobust.config import parse_study
+from qrobust.config import FinetuneConfig, parse_study
 from qrobust.eval.certification import CertifyJob, certify_images
 from qrobust.eval.executors import run_study
 from qrobust.eval.grid import Workbench, plan
@@ -42,6 +42,28 @@ def test_an_npz_dataset_is_keyed_by_its_content_not_its_path(tiny_study, tmp_pat
     after = plan(study)
     assert not {c.key for c in before} & {c.key for c in after}
     assert Workbench(study, tmp_path / "run")._model_dir(study.models[0], 0) != model_dir
+
+
+def test_a_checkpoint_is_keyed_by_its_content_not_its_path(tiny_study, digits_ckpt, tmp_path):
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(digits_ckpt, copy)
+    here = parse_study(tiny_study())
+    there = parse_study(tiny_study(models=[{"name": "cnn", "checkpoint": str(copy)}]))
+    assert [c.key for c in plan(here)] == [c.key for c in plan(there)]  # a clone, a copy
+    dq = FinetuneConfig(method="dq")  # a fine-tune's weights are cached under the same name
+    assert len({Workbench(s, tmp_path / "run")._model_dir(
+        s.models[0].model_copy(update={"finetune": dq}), 0, "w4a4") for s in (here, there)}) == 1
+    other = tmp_path / "other" / "ckpt"
+    shutil.copytree(digits_ckpt, other)
+    with open(other / "model.safetensors", "r+b") as f:  # one changed byte of the weights
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    changed = parse_study(tiny_study(models=[{"name": "cnn", "checkpoint": str(other)}]))
+    assert not {c.key for c in plan(here)} & {c.key for c in plan(changed)}
 
 
 def test_a_second_run_on_a_directory_being_written_fails_and_writes_nothing(tiny_study,

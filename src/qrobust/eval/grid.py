@@ -96,7 +96,8 @@ def model_identity(model: ModelConfig) -> dict:
             ident.pop(optional)
     if "finetune" in ident and ident["finetune"]["subset_seed"] is None:
         ident["finetune"].pop("subset_seed")
-    if model.checkpoint is not None:
+    if model.checkpoint is not None:  # its content, not where it lies (a clone, a copy)
+        ident["checkpoint"] = None
         ident["checkpoint_sha256"] = _file_digest(model.checkpoint)
     return ident
 
