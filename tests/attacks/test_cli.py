@@ -68,7 +68,7 @@ def test_the_default_is_the_standard_suite_and_fast_is_labelled(ckpt, capsys):
     assert "fast suite (PGD-10: an upper bound" in capsys.readouterr().out
     assert main(["attack", "--ckpt", ckpt, "--eps", "0.15", "--attack", "pgd", "--limit", "5",
                  "--budget-scale", "0.5"]) == 2
-    assert "attack 'pgd' takes no parameter 'budget_scale'" in capsys.readouterr().err
+    assert "attack 'pgd' has no parameter 'budget_scale'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -63,5 +63,5 @@ def test_eot_samples_param_sets_the_estimator(digits_cnn):
     assert attack.describe()["estimator"] == "eot3+autograd"
     plain = make_attack("pgd", defended, ThreatModel("linf", 0.1), {"estimator": "autograd"})
     assert plain.describe()["estimator"] == "autograd"
-    with pytest.raises(ConfigError, match="takes no parameter 'stepz'"):
+    with pytest.raises(ConfigError, match="has no parameter 'stepz'"):
         make_attack("pgd", defended, ThreatModel("linf", 0.1), {"stepz": 2})
