@@ -27,16 +27,22 @@ from torch import nn
 from qrobust.errors import ConfigError
 from qrobust.integer.base import IntegerModel
 from qrobust.integer.program import (
+    ClampOp,
+    ConcatOp,
     ConvOp,
     FlattenOp,
+    GroupConvOp,
     InputOp,
     LinearOp,
+    LookupOp,
     MaxPoolOp,
+    MulOp,
     OutputOp,
     Program,
     ReluOp,
     RequantOp,
     SumPoolOp,
+    WindowSumPoolOp,
     input_codes,
     lower,
 )
@@ -215,17 +221,21 @@ class _Executor:
         self.program = program
         self.weights = {op.out: (op.weight.float(), op.weight.double(), op.bias.float(),
                                  op.bias.double(), _row_abs_sum(op.weight), _abs_max(op.bias))
-                        for op in program.ops if isinstance(op, (ConvOp, LinearOp))}
+                        for op in program.ops if isinstance(op, (ConvOp, GroupConvOp, LinearOp))}
         self.fast_ops = _pool_before_requant(program.ops)  # for the logits alone
         self.scales = {op.out: requant_scales(op) for op in program.ops + self.fast_ops
                        if isinstance(op, RequantOp)}
         self.bounds = _bounds(program.ops + self.fast_ops)  # the pooled accumulators too
         self.dead = _last_uses(self.fast_ops)
-        self.kernels = {InputOp: self.input, ConvOp: self.conv, LinearOp: self.linear,
-                        RequantOp: self.requant, MaxPoolOp: self.maxpool, SumPoolOp: self.sumpool,
+        self.kernels = {InputOp: self.input, ConvOp: self.conv, GroupConvOp: self.conv,
+                        LinearOp: self.linear, RequantOp: self.requant, MaxPoolOp: self.maxpool,
+                        SumPoolOp: self.sumpool, WindowSumPoolOp: self.window_sum,
+                        ConcatOp: self.concat, LookupOp: self.lookup, ClampOp: self.clamp,
+                        MulOp: self.mul,
                         FlattenOp: self.flatten, ReluOp: self.relu}
+        self.tables = {op.out: op.table.float() for op in program.ops if isinstance(op, LookupOp)}
 
-    def weight(self, op: ConvOp | LinearOp, x: torch.Tensor):
+    def weight(self, op: ConvOp | GroupConvOp | LinearOp, x: torch.Tensor):
         """(weight, bias, dtype): the float type in which ``x w + b`` is exact."""
         w32, w64, b32, b64, row_sum, bias_max = self.weights[op.out]
         bound = self.bounds[op.inp]
@@ -252,12 +262,13 @@ class _Executor:
     def input(self, op: InputOp, env, pixels):
         return (input_codes(op, pixels) - _channel(op.zero_point, pixels.ndim)).float()
 
-    def conv(self, op: ConvOp, env, pixels):
+    def conv(self, op: ConvOp | GroupConvOp, env, pixels):
         x = env[op.inp] - op.in_zero_point if op.in_zero_point else env[op.inp]
         w, b, dtype = self.weight(op, x)
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        groups = op.groups if isinstance(op, GroupConvOp) else 1
         with torch.backends.nnpack.flags(enabled=False):  # Winograd / FFT would round
-            return F.conv2d(x, w, b, stride=op.stride, padding=op.padding)
+            return F.conv2d(x, w, b, stride=op.stride, padding=op.padding, groups=groups)
 
     def linear(self, op: LinearOp, env, pixels):
         x = env[op.inp] - op.in_zero_point if op.in_zero_point else env[op.inp]
@@ -274,6 +285,35 @@ class _Executor:
     def sumpool(self, op: SumPoolOp, env, pixels):
         return (env[op.inp].double() - op.zero_point).sum(dim=(2, 3), keepdim=True)
 
+    def window_sum(self, op: WindowSumPoolOp, env, pixels):
+        """Exact window sums of centred codes: float32 while the bound allows, else float64."""
+        bound = self.bounds[op.out]
+        x = env[op.inp]
+        if bound is None or bound > EXACT_INTEGERS[torch.float32]:
+            x = x.double()
+        x = x - op.zero_point if op.zero_point else x
+        return F.avg_pool2d(x, op.kernel, op.stride, op.padding, count_include_pad=True,
+                            divisor_override=1)
+
+    def concat(self, op: ConcatOp, env, pixels):
+        return torch.cat([env[slot] for slot in op.inps], dim=1)
+
+    def lookup(self, op: LookupOp, env, pixels):
+        index = (env[op.inp].long() - op.qmin).clamp_(0, len(op.table) - 1)
+        return self.tables[op.out][index]
+
+    def mul(self, op: MulOp, env, pixels):
+        """Exact products of centred codes: float32 while the bound allows, else float64."""
+        bound = self.bounds[op.out]
+        wide = bound is None or bound > EXACT_INTEGERS[torch.float32]
+        dtype = torch.float64 if wide else torch.float32
+        a, b = (env[slot].to(dtype) - z if z else env[slot].to(dtype)
+                for slot, z in zip(op.inps, op.zero_points, strict=True))
+        return a * b
+
+    def clamp(self, op: ClampOp, env, pixels):
+        return torch.clamp(env[op.inp], op.lo, op.hi)
+
     def flatten(self, op: FlattenOp, env, pixels):
         return env[op.inp].flatten(1)
 
@@ -282,8 +322,11 @@ class _Executor:
 
 
 def _reads(op) -> list[str]:
-    return [t.slot for t in op.terms] if isinstance(op, RequantOp) else (
-        [op.inp] if hasattr(op, "inp") else [])
+    if isinstance(op, RequantOp):
+        return [t.slot for t in op.terms]
+    if isinstance(op, (ConcatOp, MulOp)):
+        return list(op.inps)
+    return [op.inp] if hasattr(op, "inp") else []
 
 
 def _pool_before_requant(ops: tuple) -> tuple:
@@ -334,7 +377,7 @@ def _bounds(ops: tuple) -> dict[str, int | None]:
         if isinstance(op, InputOp):
             zp = op.zero_point.abs().max()
             bounds[op.out] = int(max(255 - op.zero_point.min(), zp))
-        elif isinstance(op, (ConvOp, LinearOp)):
+        elif isinstance(op, (ConvOp, GroupConvOp, LinearOp)):
             inp = bounds[op.inp]
             bounds[op.out] = None if inp is None else (
                 (inp + abs(op.in_zero_point)) * _row_abs_sum(op.weight) + _abs_max(op.bias))
@@ -347,6 +390,21 @@ def _bounds(ops: tuple) -> dict[str, int | None]:
             bounds[op.out] = bounds[op.inp]
         elif isinstance(op, SumPoolOp):
             bounds[op.out] = None
+        elif isinstance(op, WindowSumPoolOp):
+            inp = bounds[op.inp]
+            bounds[op.out] = None if inp is None else (
+                (inp + abs(op.zero_point)) * op.kernel[0] * op.kernel[1])
+        elif isinstance(op, LookupOp):
+            bounds[op.out] = _abs_max(op.table)
+        elif isinstance(op, ClampOp):
+            bounds[op.out] = max(abs(op.lo), abs(op.hi))
+        elif isinstance(op, MulOp):
+            a, b = (bounds[slot] for slot in op.inps)
+            bounds[op.out] = None if a is None or b is None else (
+                (a + abs(op.zero_points[0])) * (b + abs(op.zero_points[1])))
+        elif isinstance(op, ConcatOp):
+            parts = [bounds[slot] for slot in op.inps]
+            bounds[op.out] = None if None in parts else max(parts)  # type: ignore[type-var]
     return bounds
 
 

@@ -212,16 +212,17 @@ def _bias_spec(wspec: QuantSpec | None, quantize_bias: bool) -> QuantSpec | None
 
 
 class QuantConv2d(_WeightQuant, nn.Conv2d):
-    """nn.Conv2d whose forward uses fake-quantized weights (same state-dict keys)."""
+    """nn.Conv2d whose forward uses fake-quantized weights (same state-dict keys); grouped and
+    depthwise convolutions (``groups``) included, weights (O, I / groups, kh, kw)."""
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, wspec: QuantSpec | None,
                    quantize_bias: bool = False) -> QuantConv2d:
-        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
-            raise ConfigError("quantized convolutions support groups=1, dilation=1 and zero "
+        if conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            raise ConfigError("quantized convolutions support dilation=1 and zero "
                               f"padding only, got {conv}")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                  conv.padding, bias=conv.bias is not None)
+                  conv.padding, groups=conv.groups, bias=conv.bias is not None)
         new.load_state_dict(conv.state_dict())
         new.wspec, new.bspec, new.generator = wspec, _bias_spec(wspec, quantize_bias), None
         new.input_quant = []
@@ -230,8 +231,10 @@ class QuantConv2d(_WeightQuant, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._exact():
             x_codes, w_codes, s_acc = self._operands(x)
-            return self._finish(F.conv2d(x_codes, w_codes, None, self.stride, self.padding), s_acc)
-        return F.conv2d(x, self.quant_weight(), self.quant_bias(), self.stride, self.padding)
+            acc = F.conv2d(x_codes, w_codes, None, self.stride, self.padding, 1, self.groups)
+            return self._finish(acc, s_acc)
+        return F.conv2d(x, self.quant_weight(), self.quant_bias(), self.stride, self.padding, 1,
+                        self.groups)
 
 
 class QuantLinear(_WeightQuant, nn.Linear):

@@ -133,6 +133,8 @@ def float_model_proto(program: Program) -> onnx.ModelProto:
             names[op.out] = b.node("Flatten", [names[op.inp]], "flatten", axis=1)
         elif isinstance(op, OutputOp):
             b.nodes.append(helper.make_node("Identity", [names[op.inp]], ["logits"]))
+        else:
+            raise ConfigError(f"ONNX float export does not support {type(op).__name__}")
     graph = helper.make_graph(
         b.nodes, "qrobust-fp32",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, h, w])],
