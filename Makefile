@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	# the reference APGD (Croce & Hein's AutoAttack code on PyPI), for benchmarks/attack_speed.py only
 	$(BIN)/pip install -q --no-deps pyautoattack==0.2.0
+	# h5py reads the published verification benchmark's Keras weights (benchmarks/qnn_verification.py only)
+	$(BIN)/pip install -q h5py
 	touch $(STAMP)
 
 .PHONY: install demo test lint

@@ -16,6 +16,7 @@ RANK = {
     "errors": 0, "registry": 0, "progress": 0, "hardware": 0, "provenance": 0,
     "data": 1, "models": 2, "checkpoint": 3, "train": 3, "quant": 4, "integer": 5,
     "attacks": 6, "defenses": 6, "certify": 6, "config": 7, "eval": 8, "report": 9, "cli": 10,
+    "verify": 6,
 }
 
 

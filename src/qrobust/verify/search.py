@@ -1,0 +1,435 @@
+"""A complete verifier of L-infinity robustness for integer programs: attack, bound, branch.
+
+Question (Henzinger et al., arXiv 2012.08185): for pixel codes ``image`` (C, H, W) in 0..255,
+a label y and a radius eps, is there an integer input p with ``|p - image|_inf <= eps`` and
+``0 <= p <= 255`` that the integer program misclassifies? The program's prediction is the
+reference executor's: ``argmax`` of its float32 logits, ties to the **lowest index**
+(torch.argmax returns the first maximal index), so a tie with a class j < y is an error and a
+tie with j > y is not. ``ties='label'`` asks the other question some verifiers encode: is the
+label's logit >= every other logit (the label wins every tie)?
+
+Method (the branch and bound of Bunel et al., arXiv 1711.00455, on the input domain):
+1. a cheap attack on the integer program itself (random points and corners of the box, then
+   greedy coordinate search moving pixels to the ends of their ranges), run with the
+   reference executor;
+2. for each box: exact integer intervals, then for MLP programs the linear relaxation of
+   :mod:`qrobust.verify.bounds` (CROWN, arXiv 1811.00866); a box is proved when every margin
+   ``out_y - out_j`` is >= 1 (j < y) or >= 0 (j > y);
+3. an unproved box is probed at the corner that minimises the worst margin's linear bound
+   (its centre without one), then split in two along one pixel: the one with the largest
+   ``width x |coefficient|`` in that worst margin's linear bound (the widest pixel without a
+   linear bound). Input splitting keeps every sub-problem a box of integer pixels, and the
+   domain is finite: a box of one point is decided exactly by the reference executor, so
+   the search ends with ``robust`` or ``vulnerable`` unless the clock runs out (``timeout``).
+
+Margins are compared as integers (the linear bound's ceiling) when the output scale is one
+positive number and the output integers are small (|v| <= 2^22): then the executor's
+``float32((v - z) s)`` is strictly increasing in v, so integer order and float order (ties
+included) agree. With per-class scales the linear bound must clear the float32 rounding of
+both logits instead (:class:`Bounder`); intervals compare the executor's float32 logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from qrobust.errors import ConfigError
+from qrobust.integer.program import Program, RequantOp, input_codes
+from qrobust.integer.reference import ReferenceIntegerModel, execute
+from qrobust.verify.bounds import (
+    Affine,
+    Chain,
+    interval_bounds,
+    linear_bounds,
+    logits_of,
+    mlp_chain,
+    output_op,
+    up,
+)
+
+log = logging.getLogger(__name__)
+
+Status = Literal["robust", "vulnerable", "timeout"]
+Ties = Literal["first", "label"]
+TIES = ("first", "label")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer to one query. ``counterexample``: pixel codes (C, H, W) int64 in the box
+    that the program misclassifies (checked with the reference executor), for ``vulnerable``
+    only. ``nodes``: boxes bounded by the branch and bound."""
+
+    status: Status
+    seconds: float
+    nodes: int
+    counterexample: torch.Tensor | None = None
+
+
+# ---- the query ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Query:
+    """A validated query: the program, its box of pixel codes (C, H, W) int64, the label."""
+
+    program: Program
+    lo: torch.Tensor
+    hi: torch.Tensor
+    label: int
+    classes: int
+    ties: Ties = "first"
+
+
+def predict(program: Program, pixels: torch.Tensor) -> torch.Tensor:
+    """The program's predictions (N,) for pixel codes (N, C, H, W): argmax of the reference
+    executor's logits, ties to the lowest index."""
+    return execute(program, pixels)["logits"].argmax(1)
+
+
+def margins(program: Program, pixels: torch.Tensor, label: int, ties: Ties = "first"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logit_y - max_{j != y} logit_j as float64 (N,), misclassified (N,) bool): with
+    ``ties='first'`` misclassified means argmax != y (ties to the lowest index), with
+    ``ties='label'`` some other logit is strictly larger."""
+    logits = execute(program, pixels)["logits"].double()
+    others = logits.clone()
+    others[:, label] = -torch.inf
+    margin = logits[:, label] - others.amax(1)
+    return margin, (logits.argmax(1) != label) if ties == "first" else margin < 0
+
+
+def _program(model, shape: tuple[int, ...]) -> Program:
+    if isinstance(model, Program):
+        return model
+    if isinstance(model, ReferenceIntegerModel):
+        try:
+            return model.program(shape)
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError(f"the integer model does not take images of shape {shape}: "
+                              f"{err}") from err
+    raise ConfigError(f"verify needs an integer Program or a ReferenceIntegerModel "
+                      f"(to_integer(twin, 'reference')), not {type(model).__name__}")
+
+
+def _integer(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+
+def make_query(model, image_codes: torch.Tensor, label: int, eps: int,
+               ties: Ties = "first") -> Query:
+    """Validate a query; a ConfigError with a one-line message for bad input."""
+    if ties not in TIES:
+        raise ConfigError(f"unknown tie rule {ties!r}; valid: {', '.join(TIES)}")
+    if not isinstance(image_codes, torch.Tensor):
+        raise ConfigError("image_codes must be a tensor of pixel codes (C, H, W)")
+    program = _program(model, tuple(image_codes.shape))
+    eps = _integer(eps, "eps")
+    if not 0 <= eps <= 255:
+        raise ConfigError(f"eps must be an integer number of pixel codes in 0..255, got {eps!r}")
+    if tuple(image_codes.shape) != tuple(program.input_shape):
+        raise ConfigError(f"image of shape {tuple(image_codes.shape)} does not fit the program's "
+                          f"input shape {tuple(program.input_shape)}")
+    image = image_codes.detach()
+    if image.is_floating_point() and not bool((image == image.round()).all()):
+        raise ConfigError("image_codes must hold integer pixel codes 0..255 (use pixel_codes(x))")
+    image = image.long()
+    if image.numel() and (int(image.min()) < 0 or int(image.max()) > 255):
+        raise ConfigError("image_codes must hold pixel codes in 0..255")
+    classes = int(execute(program, image.unsqueeze(0))["logits"].shape[1])
+    label = _integer(label, "label")
+    if not 0 <= label < classes:
+        raise ConfigError(f"label must be an integer in 0..{classes - 1}, got {label!r}")
+    scale = output_op(program).scale
+    if bool((scale <= 0).any()):
+        raise ConfigError("the program's output scale must be positive")
+    if any(bool((t.multiplier < 0).any()) for op in program.ops if isinstance(op, RequantOp)
+           for t in op.terms):
+        raise ConfigError("the program has a negative requantization multiplier; the bounds "
+                          "need non-decreasing requantization (multipliers >= 0)")
+    return Query(program, (image - eps).clamp(0, 255), (image + eps).clamp(0, 255), label, classes,
+                 ties)
+
+
+# ---- bounds on a batch of boxes -------------------------------------------------------------
+@dataclass(frozen=True)
+class Bounder:
+    """Proves boxes of one query: intervals always, the linear relaxation when ``chain``.
+
+    Linear margins come in two modes. ``integer``: one output scale (see
+    :func:`_integer_margins`); rows ``e_y - e_j`` of the output integers v, proved when the
+    ceiling of the lower bound is >= 1 (j < y) or >= 0 (j > y). Otherwise real: rows
+    ``s_y e_y - s_j e_j``, proved when the lower bound exceeds ``z (s_y - s_j)`` plus the
+    float32 rounding of both logits: with ``x_c = s_c (v_c - z)`` the executor's logit is
+    within ``2^-23 |x_c| + 2^-149`` of x_c, so ``x_y - x_j > 2^-22 (s_y R_y + s_j R_j) +
+    2^-140`` (R_c >= |v_c - z| on the query's box) makes logit_y > logit_j strictly."""
+
+    query: Query
+    chain: Chain | None
+    objective: torch.Tensor  # (R, K) float64, one row per class j != y
+    lower_index: torch.Tensor  # (R,) bool: j < y (a tie loses)
+    threshold: torch.Tensor  # (R,) float64
+    integer: bool
+
+    @classmethod
+    def of(cls, query: Query) -> Bounder:
+        y, k = query.label, query.classes
+        others = torch.tensor([j for j in range(k) if j != y], dtype=torch.long)
+        rows = torch.arange(len(others))
+        lower_index = others < y if query.ties == "first" else torch.zeros(len(others), dtype=torch.bool)
+        objective = torch.zeros(len(others), k, dtype=torch.float64)
+        chain = mlp_chain(query.program)
+        op = output_op(query.program)
+        scale = op.scale.reshape(-1).double().expand(k)
+        out_lo, out_hi = interval_bounds(query.program, query.lo[None], query.hi[None])["output"]
+        reach = torch.maximum((out_lo[0] - op.zero_point).abs(), (out_hi[0] - op.zero_point).abs())
+        if _integer_margins(scale, reach):
+            objective[:, y] = 1.0
+            objective[rows, others] = -1.0
+            return cls(query, chain, objective, lower_index, lower_index.double(), True)
+        objective[:, y] = scale[y]
+        objective[rows, others] = -scale[others]
+        size = scale * reach.double()
+        if float(size.max()) >= 2.0**100:
+            chain = None  # logits near float32 overflow: intervals only
+        tol = up(2.0**-22 * (size[y] + size[others])) + 2.0**-140
+        shift = up(up(op.zero_point * (scale[y] - scale[others])))
+        return cls(query, chain, objective, lower_index, up(shift + tol), False)
+
+    def interval_rows(self, out_lo: torch.Tensor, out_hi: torch.Tensor) -> torch.Tensor:
+        """Margins proved by intervals (N, R) bool, on the executor's float32 logits."""
+        y = self.query.label
+        low = logits_of(self.query.program, out_lo)[:, y:y + 1]
+        high = logits_of(self.query.program, out_hi)
+        high = torch.cat([high[:, :y], high[:, y + 1:]], 1)
+        return torch.where(self.lower_index, low > high, low >= high)
+
+    def linear_rows(self, lower: torch.Tensor) -> torch.Tensor:
+        """Margins proved by the linear lower bounds (N, R) of the objective rows."""
+        if self.integer:
+            return torch.ceil(lower) >= self.threshold
+        return lower > self.threshold
+
+    def __call__(self, lo: torch.Tensor, hi: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Boxes (N, C, H, W) -> (proved (N,) bool, for each box the input coefficients
+        (N, C*H*W) of its worst unproved margin's linear bound, or None without a chain)."""
+        env = interval_bounds(self.query.program, lo, hi)
+        rows = self.interval_rows(*env["output"])
+        proved = rows.all(1)
+        if self.chain is None or bool(proved.all()):
+            return proved, None
+        coeffs = torch.zeros(lo.shape[0], lo[0].numel(), dtype=torch.float64)
+        todo = (~proved).nonzero().squeeze(1)
+        x_lo, x_hi = (v[todo].flatten(1) for v in env[self.chain.input_slot])
+        lin = linear_bounds(self.chain, x_lo, x_hi, self.objective)
+        ok = rows[todo] | self.linear_rows(lin.lower) | self.interval_rows(*lin.values[-1])
+        proved[todo] = ok.all(1)
+        slack = torch.where(ok, torch.inf, lin.lower - self.threshold)
+        worst = slack.argmin(1)
+        coeffs[todo] = lin.coeffs[torch.arange(len(todo)), worst]
+        return proved, coeffs
+
+
+def _integer_margins(scale: torch.Tensor, reach: torch.Tensor) -> bool:
+    """True when the executor's logits order the output integers exactly as the integers
+    themselves: one positive scale s in [2^-100, 2^100] for all K outputs and |v - z| <= 2^22
+    on the box (``reach`` (K,)): then fl32(fl64((v - z) s)) is strictly increasing in v, as
+    the float32 spacing there is at most s / 2."""
+    return (bool((scale == scale[0]).all()) and 2.0**-100 <= float(scale[0]) <= 2.0**100
+            and int(reach.max()) <= 2**22)
+
+
+# ---- attack ---------------------------------------------------------------------------------
+def _uniform(lo: torch.Tensor, hi: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    u = torch.rand((n, *lo.shape), generator=gen, dtype=torch.float64)
+    return (lo + torch.floor(u * (hi - lo + 1).double()).long()).clamp(max=hi)
+
+
+def _coordinate_moves(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """All single-pixel moves of x (C, H, W) to an end of its range: (moves (M, C, H, W),
+    pixel index (M,), new value (M,))."""
+    flat, idx, val = x.flatten(), [], []
+    for end in (lo.flatten(), hi.flatten()):
+        where = (end != flat).nonzero().squeeze(1)
+        idx.append(where)
+        val.append(end[where])
+    idx_t, val_t = torch.cat(idx), torch.cat(val)
+    moves = flat.expand(len(idx_t), -1).clone()
+    moves[torch.arange(len(idx_t)), idx_t] = val_t
+    return moves.view(-1, *x.shape), idx_t, val_t
+
+
+def smooth_margin(chain: Chain, program: Program, pixels: torch.Tensor, label: int) -> torch.Tensor:
+    """The MLP chain without rounding (each requantization as its real-valued line, clamps
+    kept) on pixel codes (N, C, H, W): its output margin (N,) float64, a surrogate that moves
+    where the integer margin is flat."""
+    op = program.input_op
+    x = (input_codes(op, pixels) - op.zero_point.view(1, -1, *([1] * (pixels.ndim - 2))))
+    x = x.flatten(1).double()
+    for st in chain.stages:
+        if isinstance(st, Affine):
+            x = x @ st.weight.t() + st.bias
+        else:
+            x = torch.clamp(st.rate * (x - st.z_in), st.low, st.high) + st.z
+    others = x.clone()
+    others[:, label] = -torch.inf
+    return x[:, label] - others.amax(1)
+
+
+def _evaluate(query: Query, points: torch.Tensor, chain: Chain | None = None, chunk: int = 1024):
+    """(score (N,) float64, misclassified (N,) bool): the logit margin, plus the smooth
+    margin of an MLP chain as a tie-breaker on plateaus."""
+    scores, bad = [], []
+    for i in range(0, len(points), chunk):
+        part = points[i:i + chunk]
+        score, wrong = margins(query.program, part, query.label, query.ties)
+        if chain is not None:
+            score = score + smooth_margin(chain, query.program, part, query.label)
+        scores.append(score)
+        bad.append(wrong)
+    return torch.cat(scores), torch.cat(bad)
+
+
+def attack(query: Query, gen: torch.Generator, deadline: float, starts: int = 16,
+           steps: int = 50) -> torch.Tensor | None:
+    """A misclassified point (C, H, W) of the box, or None: the box's centre, its two extreme
+    corners and ``starts`` random points, then greedy coordinate descent on the logit margin from the best
+    one (each step takes the best single-pixel move to an end of its range, or every
+    improving move at once when that is better)."""
+    lo, hi = query.lo, query.hi
+    chain = mlp_chain(query.program)
+    centre = ((lo + hi) // 2)[None]
+    points = torch.cat([centre, lo[None], hi[None], _uniform(lo, hi, starts, gen)])
+    score, bad = _evaluate(query, points, chain)
+    if bool(bad.any()):
+        return points[bad.nonzero()[0, 0]]
+    x, best = points[score.argmin()], float(score.min())
+    for _ in range(steps):
+        if time.perf_counter() > deadline:
+            break
+        moves, idx, val = _coordinate_moves(x, lo, hi)
+        if not len(moves):
+            break
+        s, bad = _evaluate(query, moves, chain)
+        if bool(bad.any()):
+            return moves[bad.nonzero()[0, 0]]
+        if not float(s.min()) < best:
+            break
+        combined = x.flatten().clone()
+        gain = torch.full((combined.numel(),), best, dtype=torch.float64)
+        for i in (s < best).nonzero().squeeze(1).tolist():  # each pixel: its best move
+            if s[i] < gain[idx[i]]:
+                gain[idx[i]] = s[i]
+                combined[idx[i]] = val[i]
+        step = torch.stack([moves[s.argmin()], combined.view_as(x)])
+        s2, bad2 = _evaluate(query, step, chain)
+        if bool(bad2.any()):
+            return step[bad2.nonzero()[0, 0]]
+        x, best = step[s2.argmin()], float(s2.min())
+    return None
+
+
+# ---- branch and bound -----------------------------------------------------------------------
+def _split(lo: torch.Tensor, hi: torch.Tensor, coeffs: torch.Tensor | None):
+    """Halve each box (N, C, H, W) along its chosen pixel -> the 2N children (lo, hi)."""
+    width = (hi - lo).flatten(1).double()
+    score = width * coeffs.abs() if coeffs is not None else width
+    score = torch.where(score.amax(1, keepdim=True) > 0, score, width)
+    idx = score.argmax(1)
+    rows = torch.arange(len(lo))
+    lo_f, hi_f = lo.flatten(1), hi.flatten(1)
+    mid = (lo_f[rows, idx] + hi_f[rows, idx]) // 2
+    left_hi, right_lo = hi_f.clone(), lo_f.clone()
+    left_hi[rows, idx] = mid
+    right_lo[rows, idx] = mid + 1
+    shape = lo.shape
+    return (torch.cat([lo_f, right_lo]).view(-1, *shape[1:]),
+            torch.cat([left_hi, hi_f]).view(-1, *shape[1:]))
+
+
+def _probe(lo: torch.Tensor, hi: torch.Tensor, coeffs: torch.Tensor | None) -> torch.Tensor:
+    """One point per box: the corner minimising the linear bound of the worst margin (input
+    codes are non-decreasing in pixel codes), else the centre."""
+    centre = (lo + hi) // 2
+    if coeffs is None:
+        return centre
+    c = coeffs.view_as(lo)
+    return torch.where(c > 0, lo, torch.where(c < 0, hi, centre))
+
+
+def branch_and_bound(query: Query, deadline: float, batch: int = 64,
+                     max_nodes: int | None = None) -> tuple[Status, int, torch.Tensor | None]:
+    """(status, nodes, counterexample) of the depth-first input-splitting search."""
+    bound = Bounder.of(query)
+    stack_lo, stack_hi = [query.lo[None]], [query.hi[None]]
+    nodes = 0
+    while stack_lo:
+        if time.perf_counter() > deadline or (max_nodes is not None and nodes >= max_nodes):
+            return "timeout", nodes, None
+        lo, hi = stack_lo.pop(), stack_hi.pop()
+        if len(lo) > batch:
+            stack_lo.append(lo[batch:])
+            stack_hi.append(hi[batch:])
+            lo, hi = lo[:batch], hi[:batch]
+        nodes += len(lo)
+        proved, coeffs = bound(lo, hi)
+        open_ = ~proved
+        if not bool(open_.any()):
+            continue
+        lo, hi = lo[open_], hi[open_]
+        coeffs = None if coeffs is None else coeffs[open_]
+        points = _probe(lo, hi, coeffs)
+        _, bad = margins(query.program, points, query.label, query.ties)
+        if bool(bad.any()):
+            return "vulnerable", nodes, points[bad.nonzero()[0, 0]]
+        single = (lo == hi).flatten(1).all(1)
+        if bool(single.any()):  # decided by the executor: exact bounds prove these anyway
+            log.debug("%d single-point boxes decided by execution", int(single.sum()))
+        keep = ~single
+        if bool(keep.any()):
+            children = _split(lo[keep], hi[keep], None if coeffs is None else coeffs[keep])
+            stack_lo.append(children[0])
+            stack_hi.append(children[1])
+    return "robust", nodes, None
+
+
+def verify(program_or_integer_model, image_codes: torch.Tensor, label: int, eps: int,
+           timeout: float = 60.0, *, batch: int = 64, seed: int = 0,
+           attack_share: float = 0.2, max_nodes: int | None = None, ties: Ties = "first"
+           ) -> Verdict:
+    """Decide whether every integer input within ``eps`` pixel codes (L-infinity, clipped to
+    0..255) of ``image_codes`` (C, H, W) keeps the prediction ``label``.
+
+    ``program_or_integer_model``: a lowered :class:`Program` or a ReferenceIntegerModel.
+    ``timeout``: wall-clock seconds for the whole query (the attack gets ``attack_share`` of
+    it; 0 skips it); ``seed`` seeds the attack's torch.Generator; ``ties``: 'first' (the
+    executor's argmax, ties to the lowest index) or 'label' (the label wins ties). Raises
+    ConfigError for bad input."""
+    if not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    start = time.perf_counter()
+    query = make_query(program_or_integer_model, image_codes, label, eps, ties)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        found = attack(query, gen, start + attack_share * timeout) if attack_share > 0 else None
+        status, nodes = "vulnerable", 0
+        if found is None:
+            status, nodes, found = branch_and_bound(query, start + timeout, batch, max_nodes)
+    if found is not None:
+        found = found.clone()
+        inside = bool(((found >= query.lo) & (found <= query.hi)).all())
+        if not inside or not bool(margins(query.program, found[None], label, query.ties)[1][0]):
+            raise AssertionError("a counterexample failed its re-check")  # a bug guard
+    seconds = time.perf_counter() - start
+    log.debug("verify: %s after %.2fs, %d nodes", status, seconds, nodes)
+    return Verdict(status, seconds, nodes, found)  # type: ignore[arg-type]
