@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# the reference APGD (Croce & Hein's AutoAttack code on PyPI), for benchmarks/attack_speed.py only
 	$(BIN)/pip install -q --no-deps pyautoattack==0.2.0
 	# h5py reads the published verification benchmark's Keras weights (benchmarks/qnn_verification.py only)
-	$(BIN)/pip install -q h5py
+	$(BIN)/pip install -q h5py==3.16.0
 	touch $(STAMP)
 
 .PHONY: install demo test lint

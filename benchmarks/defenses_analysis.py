@@ -83,22 +83,24 @@ def amplification(models: dict, x, y, eps: float, steps: int, seed: int) -> dict
     return compare_amplification(models, x, delta)
 
 
-def table_name(model: str, recipe: str, defense: str) -> str:
+def table_name(model: str, recipe: str, defense: str, base: str) -> str:
     """The earlier script's row names: float, ptq-w4a4, qat-w4a4, dq-w4a4-beta0.003,
-    sq-ensemble, shield(float), shield(ptq-w4a4)."""
-    base = ("float" if recipe in FLOAT_RECIPES else f"ptq-{recipe}") if model == "resnet20" \
+    sq-ensemble, shield(float), shield(ptq-w4a4); ``base`` is the label of the study's float
+    model (its first)."""
+    name = ("float" if recipe in FLOAT_RECIPES else f"ptq-{recipe}") if model == base \
         else model if recipe in FLOAT_RECIPES \
         else f"dq-{recipe}-beta{model.split('beta')[1]}" if model.startswith("dq-beta") \
         else f"{model}-{recipe}"
-    return base if defense == "none" else f"{defense.split('(')[0]}({base})"
+    return name if defense == "none" else f"{defense.split('(')[0]}({name})"
 
 
-def pairs(store_file: Path) -> list[dict]:
+def pairs(store_file: Path, base: str) -> list[dict]:
     """One row per (model, recipe, defense, eps): plain and adaptive robust accuracy."""
     rows: dict[tuple, dict] = {}
     for r in records(load_rows(store_file)[0]):
-        row = rows.setdefault((table_name(r.model, r.recipe, r.defense), r.eps), {
-            "model": table_name(r.model, r.recipe, r.defense), "eps_255": round(r.eps * 255, 3),
+        name = table_name(r.model, r.recipe, r.defense, base)
+        row = rows.setdefault((name, r.eps), {
+            "model": name, "eps_255": round(r.eps * 255, 3),
             "n": r.n, "clean_acc": r.metrics["clean_acc"], "old": None})
         adaptive = "eot_samples" in r.attack
         row["adaptive_robust_acc" if adaptive else "plain_robust_acc"] = (
@@ -201,7 +203,7 @@ def main() -> None:
     ensemble_cells = [c for c in plan(study) if c.seed == seed
                       and c.model.finetune is not None and c.model.finetune.method == "sq-ensemble"
                       and "eot_samples" in c.attack.params]
-    table = pairs(Path(args.out) / "results.sqlite")
+    table = pairs(Path(args.out) / "results.sqlite", study.models[0].label)
     if args.compare:
         table = comparison(table, json.loads(Path(args.compare).read_text())["rows"])
     plane = information_plane(bench, ensemble_cells) if ensemble_cells else []
