@@ -83,13 +83,14 @@ def _row_abs_sum(w: torch.Tensor) -> int:
 
 
 def float_conv2d(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int],
-                 padding: tuple[int, int], row_abs_sum: int | None = None) -> torch.Tensor:
+                 padding: tuple[int, int], row_abs_sum: int | None = None,
+                 groups: int = 1) -> torch.Tensor:
     """Exact integer convolution with zero padding, as a float tensor: x (N, C, H, W) and w
-    (O, C, kh, kw) hold integers; the result (N, O, Ho, Wo) holds the exact integer sums."""
+    (O, C / groups, kh, kw) hold integers; the result (N, O, Ho, Wo) holds the exact sums."""
     bound = _abs_max(x) * (_row_abs_sum(w) if row_abs_sum is None else row_abs_sum)
     dtype = exact_dtype(bound)
     with torch.backends.nnpack.flags(enabled=False):  # Winograd / FFT would round
-        return F.conv2d(x.to(dtype), w.to(dtype), stride=stride, padding=padding)
+        return F.conv2d(x.to(dtype), w.to(dtype), stride=stride, padding=padding, groups=groups)
 
 
 def float_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,12 +105,13 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def int_conv2d(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int],
-               padding: tuple[int, int]) -> torch.Tensor:
+               padding: tuple[int, int], groups: int = 1) -> torch.Tensor:
     """Exact integer convolution with zero padding -> int64 (N, O, Ho, Wo)."""
-    return float_conv2d(x, w, stride, padding).long()
+    return float_conv2d(x, w, stride, padding, groups=groups).long()
 
 
-def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
+def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-channel vector (C,) viewed to broadcast over (N, C, ...) of ``ndim`` dims."""
     return t.view(1, -1, *([1] * (ndim - 2)))
 
 
@@ -156,7 +158,7 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
     for v, term, scale in zip(values, op.terms, scales, strict=True):
         v = v.to(dtype)
         centred = v - term.zero_point if term.zero_point else v  # exact: small integers
-        scale = _channel(scale.to(dtype), v.ndim)
+        scale = channel_view(scale.to(dtype), v.ndim)
         t = centred * scale if t is None else t.addcmul_(centred, scale)  # values stay intact
     assert t is not None
     if op.sign:
@@ -260,7 +262,7 @@ class _Executor:
         return {k: v if k == "logits" else v.long().contiguous() for k, v in env.items()}
 
     def input(self, op: InputOp, env, pixels):
-        return (input_codes(op, pixels) - _channel(op.zero_point, pixels.ndim)).float()
+        return (input_codes(op, pixels) - channel_view(op.zero_point, pixels.ndim)).float()
 
     def conv(self, op: ConvOp | GroupConvOp, env, pixels):
         x = env[op.inp] - op.in_zero_point if op.in_zero_point else env[op.inp]

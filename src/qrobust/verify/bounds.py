@@ -69,7 +69,13 @@ from qrobust.integer.program import (
     WindowSumPoolOp,
     input_codes,
 )
-from qrobust.integer.reference import int_conv2d, int_matmul
+from qrobust.integer.reference import (
+    channel_view,
+    exact_dtype,
+    int_conv2d,
+    int_matmul,
+    requantize,
+)
 
 U = 2.0**-53
 TINY = 2.0**-1000
@@ -77,33 +83,10 @@ Interval = tuple[torch.Tensor, torch.Tensor]
 
 
 # ---- exact integer intervals ---------------------------------------------------------------
-def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return t.view(1, -1, *([1] * (ndim - 2)))
-
-
 def requantize_exact(values: list[torch.Tensor], op: RequantOp) -> torch.Tensor:
-    """The fixed-point requantization of program.py in int64, elementwise: ``values`` are
-    same-shape int64 tensors (N, C, ...) (one per term); returns int64 codes of that shape."""
-    reach = sum((int(v.abs().max()) + abs(t.zero_point)) * int(t.multiplier.max())
-                for v, t in zip(values, op.terms, strict=True) if v.numel())
-    if reach >= 2**61:
-        raise ConfigError(f"{op.out}: fixed-point sum reaches {reach:.3g}, beyond int64")
-    total = None
-    for v, term in zip(values, op.terms, strict=True):
-        part = (v - term.zero_point) * _channel(term.multiplier, v.ndim)
-        total = part if total is None else total + part
-    assert total is not None
-    if op.sign:
-        return torch.where(total >= 0, 1, -1).long()
-    s = _channel(op.shift, total.ndim)
-    rounded = torch.bitwise_right_shift(total + torch.bitwise_left_shift(torch.ones_like(s), s - 1), s)
-    return torch.clamp(rounded + op.zero_point, op.lo, op.hi)
-
-
-def _exact_float(bound: int) -> torch.dtype:
-    if bound >= 2**53:
-        raise ConfigError(f"integer bound {bound:.3g} too wide for exact float64 arithmetic")
-    return torch.float64
+    """The executor's own fixed-point requantization (exact) as int64: ``values`` are
+    same-shape integer tensors (N, C, ...), one per term; returns codes of that shape."""
+    return requantize(values, op).long()
 
 
 def _affine_interval(op: ConvOp | GroupConvOp | LinearOp, lo: torch.Tensor, hi: torch.Tensor
@@ -114,24 +97,18 @@ def _affine_interval(op: ConvOp | GroupConvOp | LinearOp, lo: torch.Tensor, hi: 
         out_lo = int_matmul(lo, pos.t()) + int_matmul(hi, neg.t())
         out_hi = int_matmul(hi, pos.t()) + int_matmul(lo, neg.t())
         return out_lo + op.bias, out_hi + op.bias
-    if isinstance(op, GroupConvOp):
-        reach = max(int(lo.abs().max()), int(hi.abs().max())) if lo.numel() else 0
-        dtype = _exact_float(reach * int(op.weight.abs().flatten(1).sum(1).max()))
+    groups = op.groups if isinstance(op, GroupConvOp) else 1
 
-        def conv(x, w):
-            with torch.backends.nnpack.flags(enabled=False):  # Winograd / FFT would round
-                return F.conv2d(x.to(dtype), w.to(dtype), stride=op.stride, padding=op.padding,
-                                groups=op.groups).long()
-    else:
-        conv = lambda x, w: int_conv2d(x, w, op.stride, op.padding)  # noqa: E731
-    bias = _channel(op.bias, 4)
+    def conv(x, w):
+        return int_conv2d(x, w, op.stride, op.padding, groups=groups)
+    bias = channel_view(op.bias, 4)
     return conv(lo, pos) + conv(hi, neg) + bias, conv(hi, pos) + conv(lo, neg) + bias
 
 
 def _window_sum(op: WindowSumPoolOp, v: torch.Tensor) -> torch.Tensor:
     x = v - op.zero_point
     reach = int(x.abs().max()) if x.numel() else 0
-    x = x.to(_exact_float(reach * op.kernel[0] * op.kernel[1]))
+    x = x.to(exact_dtype(reach * op.kernel[0] * op.kernel[1]))
     return F.avg_pool2d(x, op.kernel, op.stride, op.padding, count_include_pad=True,
                         divisor_override=1).long()
 
@@ -156,7 +133,7 @@ def interval_bounds(program: Program, lo: torch.Tensor, hi: torch.Tensor) -> dic
     env: dict[str, Interval] = {}
     for op in program.ops:
         if isinstance(op, InputOp):
-            zp = _channel(op.zero_point, lo.ndim)
+            zp = channel_view(op.zero_point, lo.ndim)
             env[op.out] = (input_codes(op, lo) - zp, input_codes(op, hi) - zp)
         elif isinstance(op, (ConvOp, GroupConvOp, LinearOp)):
             env[op.out] = _affine_interval(op, *env[op.inp])
