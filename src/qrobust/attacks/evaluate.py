@@ -68,7 +68,8 @@ def evaluate_robustness(model: Model, attack: Attack, x: torch.Tensor, y: torch.
     mean_linf / mean_l2 (perturbation norms of the successful adversarial examples), the
     attack's description (attack, norm, eps, steps, estimator, ...), gradient statistics,
     ``warnings`` (list of strings from ``qrobust.attacks.checks``) and, with ``return_adv``,
-    ``x_adv`` (N, C, H, W) and ``pred_adv`` (N,): the model's prediction on x_adv for the
+    ``x_adv`` (N, C, H, W), ``clean_pred`` (N,): the model's prediction on x that decided
+    which points were attacked, and ``pred_adv`` (N,): its prediction on x_adv for the
     attacked points, its clean prediction elsewhere. ``checks`` is any subset of gradients,
     randomness, blackbox, temperature; blackbox and temperature re-attack the points still
     robust (extra cost). ``clean_pred``: the model's predictions on x, if already made (a
@@ -81,8 +82,8 @@ def evaluate_robustness(model: Model, attack: Attack, x: torch.Tensor, y: torch.
 
         raise ConfigError(f"unknown checks {sorted(unknown)}; valid: {', '.join(DEFAULT_CHECKS)}")
     n = len(y)
-    pred = predict(model, x, batch_size) if clean_pred is None else clean_pred.clone()
-    correct = pred == y
+    clean = predict(model, x, batch_size) if clean_pred is None else clean_pred
+    pred, correct = clean.clone(), clean == y
     idx = correct.nonzero().squeeze(1)
     if attack.threat.eps == 0:  # the identity attack: every check would only repeat it
         x_adv, checks = x.clone(), ()
@@ -133,7 +134,7 @@ def evaluate_robustness(model: Model, attack: Attack, x: torch.Tensor, y: torch.
     metrics["robust_acc_worst"] = int(worst.sum()) / n
     metrics["warnings"] = warnings
     if return_adv:
-        metrics["x_adv"], metrics["pred_adv"] = x_adv, pred
+        metrics["x_adv"], metrics["clean_pred"], metrics["pred_adv"] = x_adv, clean, pred
     return metrics
 
 

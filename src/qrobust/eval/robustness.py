@@ -93,13 +93,13 @@ def robustness_cell(model: Any, x: torch.Tensor, y: torch.Tensor, spec: Robustne
     m = evaluate_robustness(model, attack, x, y, batch_size=bs, generator=generator,
                             checks=spec.checks, return_adv=True, progress=progress,
                             clean_pred=clean_pred)
-    x_adv, pred_adv, warnings = m.pop("x_adv"), m.pop("pred_adv"), m.pop("warnings")
+    x_adv, twin_clean, pred_adv = m.pop("x_adv"), m.pop("clean_pred"), m.pop("pred_adv")
+    warnings = m.pop("warnings")
     metrics: dict = {**m, "rng_seed": seed, "clean_acc_int": None, "robust_acc_int": None,
                      "transfer_rate": None, "clean_disagreement": None,
                      "adv_disagreement": None, "robust_acc_int_square": None}
     if integer is not None:
         int_clean = predict(integer, x, bs) if clean_pred_int is None else clean_pred_int
-        twin_clean = predict(model, x, bs) if clean_pred is None else clean_pred
         attacked = (twin_clean == y) & (spec.eps > 0)
         t = transfer_metrics(y, twin_clean, pred_adv, int_clean, predict(integer, x_adv, bs),
                              attacked)
