@@ -66,7 +66,7 @@ def deterministic_models(bench: Workbench, seed: int) -> dict[str, torch.nn.Modu
     """Every undefended, non-randomized model of the study, by table label."""
     models = {}
     for model in bench.study.models:
-        if model.finetune is not None and model.finetune.method == "sq-ensemble":
+        if model.finetune_method == "sq-ensemble":
             continue
         for recipe in bench.study.recipes_of(model):
             name = model.label if recipe in FLOAT_RECIPES else f"{model.label}-{recipe}"
@@ -201,7 +201,7 @@ def main() -> None:
     bench = Workbench(study, args.out)
     seed = study.seeds[0]
     ensemble_cells = [c for c in plan(study) if c.seed == seed
-                      and c.model.finetune is not None and c.model.finetune.method == "sq-ensemble"
+                      and c.model.finetune_method == "sq-ensemble"
                       and "eot_samples" in c.attack.params]
     table = pairs(Path(args.out) / "results.sqlite", study.models[0].label)
     if args.compare:

@@ -379,6 +379,10 @@ class ModelConfig(_Strict):
     def label(self) -> str:
         return self.name or self.arch or Path(self.checkpoint or "model").name
 
+    @property
+    def finetune_method(self) -> str | None:
+        return self.finetune.method if self.finetune is not None else None
+
 
 class StudyConfig(_Strict):
     name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -411,7 +415,7 @@ class StudyConfig(_Strict):
     @model_validator(mode="after")
     def _finetune_recipes(self) -> StudyConfig:
         for i, m in enumerate(self.models):
-            method = m.finetune.method if m.finetune else None
+            method = m.finetune_method
             floats = [r for r in self.recipes_of(m) if r in FLOAT_RECIPES]
             if method == "sq-ensemble" and len(floats) != len(self.recipes_of(m)):
                 raise ValueError(f"models[{i}] ({m.label}): an sq-ensemble has its own "

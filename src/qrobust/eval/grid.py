@@ -194,7 +194,7 @@ class Workbench:
         an ``sq-ensemble`` fine-tune, the ensemble trained from it."""
         k = (model.label, seed)
         if k not in self._floats:
-            if model.finetune is not None and model.finetune.method == "sq-ensemble":
+            if model.finetune_method == "sq-ensemble":
                 self._floats[k] = self._finetuned(model, seed, None)
             else:
                 self._floats[k] = self._load_or_train(model, seed)
@@ -306,10 +306,16 @@ class Workbench:
         atomic_write_bytes(file, lambda tmp: save_file(state, tmp))
         return fitted.model.eval()
 
+    def _trained_twin(self, model: ModelConfig, recipe: str) -> bool:
+        """Whether the twin is trained itself (DQ fine-tune, QAT) rather than quantized from
+        the float model."""
+        return (model.finetune_method == "dq"
+                or self.study.quant.mode == "qat" and recipe not in FLOAT_RECIPES)
+
     def twin(self, model: ModelConfig, recipe: str, seed: int) -> nn.Module:
-        if model.finetune is not None and model.finetune.method == "dq":
+        if model.finetune_method == "dq":
             return self._finetuned(model, seed, recipe)
-        if self.study.quant.mode == "qat" and recipe not in ("fp32", "float"):
+        if self._trained_twin(model, recipe):
             return self._load_or_train_qat(model, seed, recipe, self._model_dir(model, seed, recipe))
         return make_twin(self.float_model(model, seed), recipe, self.calib(seed),
                          self.study.quant.gorsline_grid)
@@ -325,9 +331,7 @@ class Workbench:
     def prepare(self, cells: list[Cell]) -> None:
         """Train / load everything the cells need (before fanning out to workers)."""
         for cell in cells:
-            trained_twin = (cell.model.finetune is not None and cell.model.finetune.method == "dq"
-                            or self.study.quant.mode == "qat" and cell.recipe not in FLOAT_RECIPES)
-            if trained_twin:
+            if self._trained_twin(cell.model, cell.recipe):
                 self.twin(cell.model, cell.recipe, cell.seed)
             else:
                 self.float_model(cell.model, cell.seed)
