@@ -56,6 +56,9 @@ from qrobust.verify.bounds import (
 log = logging.getLogger(__name__)
 
 Status = Literal["robust", "vulnerable", "timeout"]
+# what decided a verdict: the attack, the sound bounds with input splitting, or the MILP stage
+# (whose "robust" rests on HiGHS's arithmetic within milp.SLACK; see qrobust.verify.milp)
+Method = Literal["attack", "branch-and-bound", "milp"]
 Ties = Literal["first", "label"]
 TIES = ("first", "label")
 
@@ -70,6 +73,7 @@ class Verdict:
     seconds: float
     nodes: int
     counterexample: torch.Tensor | None = None
+    method: Method | None = None
 
 
 # ---- the query ------------------------------------------------------------------------------
@@ -403,33 +407,96 @@ def branch_and_bound(query: Query, deadline: float, batch: int = 64,
     return "robust", nodes, None
 
 
+def _pixels(query: Query, centred: torch.Tensor) -> torch.Tensor | None:
+    """Pixel codes (C, H, W) in the query's box whose input codes are ``centred`` + zero point
+    (flat), or None. With step 1 they are the codes themselves; else ``u step - offset`` maps
+    to u under round half up."""
+    op = query.program.input_op
+    view = lambda t: t.view(-1, *([1] * (query.lo.ndim - 1)))  # noqa: E731
+    u = centred.view_as(query.lo) + view(op.zero_point)
+    p = (u * op.step - view(op.offset)).clamp(query.lo, query.hi)
+    return p if bool((input_codes(op, p[None])[0] == u).all()) else None
+
+
+def milp_stage(query: Query, bound: Bounder, deadline: float
+               ) -> tuple[Status | None, torch.Tensor | None]:
+    """The exact MILP of an MLP program over the whole box (:mod:`qrobust.verify.milp`):
+    ('robust', None), ('vulnerable', pixel codes the executor misclassifies), or (None, None)
+    when it cannot decide (not an MLP with one output scale, the deadline, or a candidate of
+    the loosened program that does not reproduce)."""
+    from qrobust.verify import milp  # scipy's HiGHS: loaded only when a query needs it
+
+    if bound.chain is None or not bound.integer:
+        return None, None
+    env = interval_bounds(query.program, query.lo[None], query.hi[None])
+    x_lo, x_hi = (v.flatten(1) for v in env[bound.chain.input_slot])
+    lin = linear_bounds(bound.chain, x_lo, x_hi, bound.objective)
+    proved = (bound.linear_rows(lin.lower) | bound.interval_rows(*env["output"]))[0]
+    slack = lin.lower[0] - bound.threshold
+    rows = sorted((~proved).nonzero().squeeze(1).tolist(), key=lambda r: float(slack[r]))
+    others = [j for j in range(query.classes) if j != query.label]
+
+    def reproduces(centred) -> bool:
+        pixels = _pixels(query, torch.from_numpy(centred).long())
+        return pixels is not None and bool(margins(query.program, pixels[None], query.label,
+                                                   query.ties)[1][0])
+
+    status, found = milp.search(bound.chain, lin.values, query.label, [others[r] for r in rows],
+                                [bool(bound.lower_index[r]) for r in rows], deadline, reproduces)
+    if status == "infeasible":
+        return "robust", None
+    if status == "vulnerable":
+        return "vulnerable", _pixels(query, torch.from_numpy(found).long())
+    return None, None
+
+
 def verify(program_or_integer_model, image_codes: torch.Tensor, label: int, eps: int,
            timeout: float = 60.0, *, batch: int = 64, seed: int = 0,
-           attack_share: float = 0.2, max_nodes: int | None = None, ties: Ties = "first"
-           ) -> Verdict:
+           attack_share: float = 0.2, bab_share: float = 0.1, use_milp: bool = True,
+           max_nodes: int | None = None, ties: Ties = "first") -> Verdict:
     """Decide whether every integer input within ``eps`` pixel codes (L-infinity, clipped to
     0..255) of ``image_codes`` (C, H, W) keeps the prediction ``label``.
 
     ``program_or_integer_model``: a lowered :class:`Program` or a ReferenceIntegerModel.
-    ``timeout``: wall-clock seconds for the whole query (the attack gets ``attack_share`` of
-    it; 0 skips it); ``seed`` seeds the attack's torch.Generator; ``ties``: 'first' (the
+    ``timeout``: wall-clock seconds for the whole query. The attack gets ``attack_share`` of
+    it (0 skips it), then input-splitting branch and bound; for MLP programs with one output
+    scale (``use_milp``) the branch and bound stops after ``bab_share`` of the time and the
+    exact MILP (:mod:`qrobust.verify.milp`) gets the rest, then branch and bound again if the
+    MILP could not decide. ``seed`` seeds the attack's torch.Generator; ``ties``: 'first' (the
     executor's argmax, ties to the lowest index) or 'label' (the label wins ties). Raises
     ConfigError for bad input."""
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
     start = time.perf_counter()
+    deadline = start + timeout
     query = make_query(program_or_integer_model, image_codes, label, eps, ties)
     gen = torch.Generator().manual_seed(seed)
+    method: Method | None = None
     with torch.no_grad():
         found = attack(query, gen, start + attack_share * timeout) if attack_share > 0 else None
         status, nodes = "vulnerable", 0
-        if found is None:
-            status, nodes, found = branch_and_bound(query, start + timeout, batch, max_nodes)
+        if found is not None:
+            method = "attack"
+        else:
+            bound = Bounder.of(query)
+            milp_ok = use_milp and bound.chain is not None and bound.integer
+            first = min(deadline, time.perf_counter() + bab_share * timeout) if milp_ok else deadline
+            status, nodes, found = branch_and_bound(query, first, batch, max_nodes)
+            method = "branch-and-bound"
+            if status == "timeout" and milp_ok and time.perf_counter() < deadline:
+                decided, found = milp_stage(query, bound, deadline)
+                if decided is not None:
+                    status, method = decided, "milp"
+                elif time.perf_counter() < deadline:
+                    status, more, found = branch_and_bound(query, deadline, batch, max_nodes)
+                    nodes += more
     if found is not None:
         found = found.clone()
         inside = bool(((found >= query.lo) & (found <= query.hi)).all())
         if not inside or not bool(margins(query.program, found[None], label, query.ties)[1][0]):
             raise AssertionError("a counterexample failed its re-check")  # a bug guard
     seconds = time.perf_counter() - start
-    log.debug("verify: %s after %.2fs, %d nodes", status, seconds, nodes)
-    return Verdict(status, seconds, nodes, found)  # type: ignore[arg-type]
+    if status == "timeout":
+        method = None
+    log.debug("verify: %s by %s after %.2fs, %d nodes", status, method, seconds, nodes)
+    return Verdict(status, seconds, nodes, found, method)  # type: ignore[arg-type]

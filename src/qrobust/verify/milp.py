@@ -1,0 +1,227 @@
+"""The exact mixed-integer program of an integer MLP, solved with HiGHS (scipy.optimize.milp).
+
+Input splitting (:mod:`qrobust.verify.search`) is complete but slow when a margin depends on
+many pixels through unstable neurons; a MILP branches on the neurons instead, with LP bounds
+at every node (the encoding of Tjeng et al., arXiv 1711.07356, made exact for integer
+rounding). For a chain of :class:`~qrobust.verify.bounds.Affine` and requantization /
+ReLU :class:`~qrobust.verify.bounds.Step` stages every quantity is an integer:
+
+- inputs: the centred input codes, integer variables in the box's interval;
+- an accumulator ``v = W x + b`` is a linear expression of the previous stage (no variable);
+- a requantization ``Q = floor((m (v - z_t) + 2^(S-1)) / 2^S) + z`` is an integer variable
+  with the two inequalities ``2^S (Q - z) <= m (v - z_t) + 2^(S-1) <= 2^S (Q - z) + 2^S - 1``
+  (divided by 2^S); a ReLU is ``Q = v``;
+- the clamp ``y = clamp(Q, lo, hi)`` is exact with one binary per side that can be active
+  (big-M from the stage's integer bounds, :func:`~qrobust.verify.bounds.linear_bounds`);
+  neurons whose bounds lie on one side of a clamp are constants or ``y = Q``.
+
+A query's margin ``out_j - out_y`` (integer output codes, one output scale) must reach 0
+(j < y: ties go to the lower index) or 1 (j > y) for a misclassification; each class j is
+one feasibility problem. **Trust**: HiGHS works in floating point with tolerances ~1e-7 to
+1e-6. Every inequality above is loosened by ``SLACK`` (in units of one output code of its
+stage; the margin by 1/2), so every integer point of the program satisfies each one with room
+``SLACK`` to spare: a solver error below that cannot cut off a real counterexample. An
+"infeasible" answer is therefore a proof relative to HiGHS's LP arithmetic being right to
+within ``SLACK`` (not an exact-arithmetic certificate like the interval and linear bounds);
+verdicts say which method decided them. A feasible answer is only a candidate: its input is
+rounded, mapped to pixel codes and re-run on the reference executor; a candidate that does
+not reproduce (loosening admits a few non-program points) decides nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from qrobust.integer.program import RequantOp
+from qrobust.verify.bounds import Affine, Chain, Step
+
+log = logging.getLogger(__name__)
+
+SLACK = 1e-4  # the loosening of every inequality (see the module docstring)
+
+
+@dataclass
+class _Model:
+    """The growing MILP: rows of ``lb <= A x <= ub`` and the variables' bounds."""
+
+    lower: list[float]
+    upper: list[float]
+    integer: list[int]
+    rows: list[dict[int, float]]
+    row_lo: list[float]
+    row_hi: list[float]
+
+    def var(self, lo: float, hi: float, integer: bool = True) -> int:
+        self.lower.append(float(lo))
+        self.upper.append(float(hi))
+        self.integer.append(1 if integer else 0)
+        return len(self.lower) - 1
+
+    def row(self, coeffs: dict[int, float], lo: float, hi: float) -> None:
+        self.rows.append(coeffs)
+        self.row_lo.append(lo)
+        self.row_hi.append(hi)
+
+    def solve(self, time_limit: float):
+        n = len(self.lower)
+        data, cols, ptr = [], [], [0]
+        for r in self.rows:
+            cols.extend(r)
+            data.extend(r.values())
+            ptr.append(len(cols))
+        a = csr_array((data, cols, ptr), shape=(len(self.rows), n))
+        return milp(np.zeros(n), integrality=np.array(self.integer),
+                    bounds=Bounds(np.array(self.lower), np.array(self.upper)),
+                    constraints=LinearConstraint(a, np.array(self.row_lo), np.array(self.row_hi)),
+                    options={"time_limit": max(time_limit, 0.01), "presolve": True})
+
+
+# A stage's value: per neuron either a variable index (>= 0, coefficient 1) or a constant.
+Value = tuple[list[int], list[float]]
+
+
+Expr = tuple[dict[int, float], float]  # coefficients by variable, constant
+
+
+def _identity(value: Value) -> list[Expr]:
+    return [({i: 1.0}, 0.0) if i >= 0 else ({}, c) for i, c in zip(*value, strict=True)]
+
+
+def _expression(exprs: list[Expr], weight: np.ndarray, bias: np.ndarray) -> list[Expr]:
+    """``W x + b`` for x given as expressions of single variables or constants (a stage's
+    value): per output row (coefficients by variable, constant)."""
+    idx = [next(iter(c)) if c else -1 for c, _ in exprs]
+    is_var = np.array([i >= 0 for i in idx])
+    var_cols = np.nonzero(is_var)[0]
+    fixed = np.where(is_var, 0.0, np.array([k for _, k in exprs]))
+    base = bias + weight @ fixed
+    return [({idx[c]: float(w) for c, w in zip(var_cols, row, strict=True) if w}, float(b))
+            for row, b in zip(weight[:, var_cols], base, strict=True)]
+
+
+def _add(coeffs: dict[int, float], var: int, k: float) -> dict[int, float]:
+    out = dict(coeffs)
+    out[var] = out.get(var, 0.0) + k
+    return out
+
+
+def _neuron(model: _Model, st: Step, i: int, expr: tuple[dict, float],
+            v_lo: int, v_hi: int, y_lo: int, y_hi: int) -> tuple[int, float]:
+    """The exact encoding of one neuron of a Step; returns (variable or -1, constant)."""
+    op = st.op
+    if y_lo == y_hi:
+        return -1, float(y_lo)
+    coeffs, const = expr
+    if isinstance(op, RequantOp):
+        m, s = int(op.terms[0].multiplier.reshape(-1)[i % op.shift.numel()]), \
+            int(op.shift.reshape(-1)[i % op.shift.numel()])
+        z_t, z = op.terms[0].zero_point, op.zero_point
+        q_range = [((m * (v - z_t) + (1 << (s - 1))) >> s) + z for v in (v_lo, v_hi)]
+        lo, hi = op.lo, op.hi
+    else:  # ReLU on codes
+        z = 0
+        q_range, lo, hi = [v_lo, v_hi], op.zero_point, max(v_hi, op.zero_point)
+    q = model.var(*q_range)
+    if isinstance(op, RequantOp):
+        r = m * 2.0**-s  # exact: m < 2^52
+        # (Q - z) - r (v - z_t) <= 1/2  and  r (v - z_t) - (Q - z) <= 1/2 - 2^-S
+        row = {k: -r * c for k, c in coeffs.items()}
+        row = _add(row, q, 1.0)
+        shift = r * (const - z_t) + z  # row . x = Q - r v', v' = v - z_t, plus z
+        model.row(row, -np.inf, 0.5 + shift + SLACK)
+        model.row(row, -0.5 + 2.0**-s + shift - SLACK, np.inf)
+    else:
+        model.row(_add({k: -c for k, c in coeffs.items()}, q, 1.0), const - SLACK, const + SLACK)
+    q_lo, q_hi = q_range
+    if lo <= q_lo and q_hi <= hi:
+        return q, 0.0
+    low_active, high_active = q_lo < lo, q_hi > hi
+    t = q
+    if low_active:  # t = max(Q, lo) with binary a (a = 1: the clamp is active)
+        t = model.var(lo, max(lo, q_hi))
+        a = model.var(0, 1)
+        model.row({t: 1.0, q: -1.0}, -SLACK, np.inf)
+        model.row({t: 1.0, q: -1.0, a: -(lo - q_lo)}, -np.inf, SLACK)
+        model.row({t: 1.0, a: (max(lo, q_hi) - lo)}, -np.inf, max(lo, q_hi) + SLACK)
+    if high_active:  # y = min(t, hi) with binary b (b = 1: the clamp is active)
+        t_lo = max(lo, q_lo) if low_active else q_lo
+        y = model.var(min(t_lo, hi), hi)
+        b = model.var(0, 1)
+        model.row({y: 1.0, t: -1.0}, -np.inf, SLACK)
+        model.row({y: 1.0, t: -1.0, b: (q_hi - hi)}, -SLACK, np.inf)
+        model.row({y: 1.0, b: -(hi - t_lo)}, t_lo - SLACK, np.inf)
+        t = y
+    return t, 0.0
+
+
+def encode(chain: Chain, values: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[_Model, list[int], list]:
+    """The MILP of a chain over one box. ``values``: the integer bounds (1, n_j) of every
+    stage value (:attr:`LinearBounds.values`). Returns (model, the input variables, the
+    output as a list of (coefficients, constant) expressions)."""
+    model = _Model([], [], [], [], [], [])
+    lo0, hi0 = (v[0].tolist() for v in values[0])
+    inputs = [model.var(a, b) for a, b in zip(lo0, hi0, strict=True)]
+    exprs = _identity((inputs, [0.0] * len(inputs)))
+    for j, st in enumerate(chain.stages, start=1):
+        if isinstance(st, Affine):  # of the previous stage's value (a chain starts with one)
+            exprs = _expression(exprs, st.weight.numpy(), st.bias.numpy())
+            continue
+        v_lo, v_hi = (v[0].tolist() for v in values[j - 1])
+        y_lo, y_hi = (v[0].tolist() for v in values[j])
+        cells = [_neuron(model, st, i, e, v_lo[i], v_hi[i], y_lo[i], y_hi[i])
+                 for i, e in enumerate(exprs)]
+        exprs = _identity(([c[0] for c in cells], [c[1] for c in cells]))
+    return model, inputs, exprs
+
+
+def search(chain: Chain, values, label: int, others: list[int], lower_index: list[bool],
+           deadline: float, reproduces: Callable[[np.ndarray], bool]
+           ) -> tuple[str, np.ndarray | None]:
+    """Solve the margin problems of classes ``others`` in order. Each is solved first with
+    continuous inputs (a relaxation: infeasible there is infeasible on integers, and it is
+    often much faster), then, if that finds a point that does not reproduce, with integer
+    inputs. Returns ('infeasible', None) when every class is infeasible, ('vulnerable',
+    centred input codes) for the first candidate ``reproduces`` accepts, ('unknown', None) at
+    the deadline or for a candidate of the loosened program that the executor rejects."""
+    base, inputs, exprs = encode(chain, values)
+    y_coeffs, y_const = exprs[label]
+    for j, tie_loses in zip(others, lower_index, strict=True):
+        j_coeffs, j_const = exprs[j]
+        row = dict(j_coeffs)
+        for k, c in y_coeffs.items():
+            row[k] = row.get(k, 0.0) - c
+        need = (0.0 if tie_loses else 1.0) - (j_const - y_const)
+        if not row:
+            if need <= 0:
+                return "unknown", None  # misclassified everywhere: the attack should have seen it
+            continue
+        for relaxed in (True, False):
+            model = _Model(list(base.lower), list(base.upper), list(base.integer),
+                           list(base.rows), list(base.row_lo), list(base.row_hi))
+            for i in inputs if relaxed else ():
+                model.integer[i] = 0
+            model.row(row, need - 0.5, np.inf)
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return "unknown", None
+            res = model.solve(left)
+            log.debug("milp class %d (%s inputs): %s", j, "real" if relaxed else "integer",
+                      res.message)
+            if res.status == 2:
+                break  # infeasible: class j is proved
+            if res.x is None or res.status not in (0, 1):
+                return "unknown", None
+            point = np.rint(res.x[inputs])
+            if reproduces(point):
+                return "vulnerable", point
+            if not relaxed:
+                return "unknown", None
+    return "infeasible", None
