@@ -160,7 +160,7 @@ def run_queries(name: str, first: int, last: int, eps: int, program: Program, x:
             continue
         verdict = verify(program, x[i], int(y[i]), eps, timeout=timeout, ties=ties)
         row |= {"status": verdict.status, "seconds": round(verdict.seconds, 3),
-                "nodes": verdict.nodes}
+                "nodes": verdict.nodes, "method": verdict.method}
         if verdict.counterexample is not None:
             cex = verdict.counterexample
             changed = (cex != x[i]).flatten().nonzero().squeeze(1)
@@ -184,8 +184,10 @@ def summary(rows: list[dict]) -> dict:
     counts = {s: sum(r["status"] == s for r in rows)
               for s in ("robust", "vulnerable", "timeout", "skipped (misclassified)")}
     secs = [r["seconds"] for r in done]
-    return counts | ({"median_seconds": statistics.median(secs), "max_seconds": max(secs)}
-                     if secs else {})
+    methods = {m: sum(r.get("method") == m for r in done)
+               for m in ("attack", "branch-and-bound", "milp")}
+    return counts | {"decided_by": methods} | (
+        {"median_seconds": statistics.median(secs), "max_seconds": max(secs)} if secs else {})
 
 
 def main(argv: list[str] | None = None) -> int:

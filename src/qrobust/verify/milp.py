@@ -6,7 +6,8 @@ at every node (the encoding of Tjeng et al., arXiv 1711.07356, made exact for in
 rounding). For a chain of :class:`~qrobust.verify.bounds.Affine` and requantization /
 ReLU :class:`~qrobust.verify.bounds.Step` stages every quantity is an integer:
 
-- inputs: the centred input codes, integer variables in the box's interval;
+- inputs: the centred input codes, integer variables in the box's interval (each class is
+  solved first with them real-valued, a relaxation: infeasible there is infeasible here);
 - an accumulator ``v = W x + b`` is a linear expression of the previous stage (no variable);
 - a requantization ``Q = floor((m (v - z_t) + 2^(S-1)) / 2^S) + z`` is an integer variable
   with the two inequalities ``2^S (Q - z) <= m (v - z_t) + 2^(S-1) <= 2^S (Q - z) + 2^S - 1``
@@ -55,15 +56,22 @@ class _Model:
     lower: list[float]
     upper: list[float]
     integer: list[int]
+    binary: list[bool]
     rows: list[dict[int, float]]
     row_lo: list[float]
     row_hi: list[float]
 
-    def var(self, lo: float, hi: float, integer: bool = True) -> int:
+    def var(self, lo: float, hi: float, binary: bool = False) -> int:
+        """A new integer variable in [lo, hi] (a clamp's switch: ``binary``)."""
         self.lower.append(float(lo))
         self.upper.append(float(hi))
-        self.integer.append(1 if integer else 0)
+        self.integer.append(1)
+        self.binary.append(binary)
         return len(self.lower) - 1
+
+    def copy(self) -> _Model:
+        return _Model(list(self.lower), list(self.upper), list(self.integer), self.binary,
+                      list(self.rows), list(self.row_lo), list(self.row_hi))
 
     def row(self, coeffs: dict[int, float], lo: float, hi: float) -> None:
         self.rows.append(coeffs)
@@ -147,14 +155,14 @@ def _neuron(model: _Model, st: Step, i: int, expr: tuple[dict, float],
     t = q
     if low_active:  # t = max(Q, lo) with binary a (a = 1: the clamp is active)
         t = model.var(lo, max(lo, q_hi))
-        a = model.var(0, 1)
+        a = model.var(0, 1, binary=True)
         model.row({t: 1.0, q: -1.0}, -SLACK, np.inf)
         model.row({t: 1.0, q: -1.0, a: -(lo - q_lo)}, -np.inf, SLACK)
         model.row({t: 1.0, a: (max(lo, q_hi) - lo)}, -np.inf, max(lo, q_hi) + SLACK)
     if high_active:  # y = min(t, hi) with binary b (b = 1: the clamp is active)
         t_lo = max(lo, q_lo) if low_active else q_lo
         y = model.var(min(t_lo, hi), hi)
-        b = model.var(0, 1)
+        b = model.var(0, 1, binary=True)
         model.row({y: 1.0, t: -1.0}, -np.inf, SLACK)
         model.row({y: 1.0, t: -1.0, b: (q_hi - hi)}, -SLACK, np.inf)
         model.row({y: 1.0, b: -(hi - t_lo)}, t_lo - SLACK, np.inf)
@@ -166,7 +174,7 @@ def encode(chain: Chain, values: list[tuple[torch.Tensor, torch.Tensor]]) -> tup
     """The MILP of a chain over one box. ``values``: the integer bounds (1, n_j) of every
     stage value (:attr:`LinearBounds.values`). Returns (model, the input variables, the
     output as a list of (coefficients, constant) expressions)."""
-    model = _Model([], [], [], [], [], [])
+    model = _Model([], [], [], [], [], [], [])
     lo0, hi0 = (v[0].tolist() for v in values[0])
     inputs = [model.var(a, b) for a, b in zip(lo0, hi0, strict=True)]
     exprs = _identity((inputs, [0.0] * len(inputs)))
@@ -204,8 +212,7 @@ def search(chain: Chain, values, label: int, others: list[int], lower_index: lis
                 return "unknown", None  # misclassified everywhere: the attack should have seen it
             continue
         for relaxed in (True, False):
-            model = _Model(list(base.lower), list(base.upper), list(base.integer),
-                           list(base.rows), list(base.row_lo), list(base.row_hi))
+            model = base.copy()
             for i in inputs if relaxed else ():
                 model.integer[i] = 0
             model.row(row, need - 0.5, np.inf)

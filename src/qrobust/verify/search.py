@@ -9,18 +9,24 @@ tie with j > y is not. ``ties='label'`` asks the other question some verifiers e
 label's logit >= every other logit (the label wins every tie)?
 
 Method (the branch and bound of Bunel et al., arXiv 1711.00455, on the input domain):
-1. a cheap attack on the integer program itself (random points and corners of the box, then
+1. the bounds of step 3 on the whole box: a proof there ends the query (certified-trained
+   models are mostly proved this way, in one pass);
+2. a cheap attack on the integer program itself (random points and corners of the box, then
    greedy coordinate search moving pixels to the ends of their ranges), run with the
    reference executor;
-2. for each box: exact integer intervals, then for MLP programs the linear relaxation of
+3. for each box: exact integer intervals, then for MLP programs the linear relaxation of
    :mod:`qrobust.verify.bounds` (CROWN, arXiv 1811.00866); a box is proved when every margin
    ``out_y - out_j`` is >= 1 (j < y) or >= 0 (j > y);
-3. an unproved box is probed at the corner that minimises the worst margin's linear bound
+4. an unproved box is probed at the corner that minimises the worst margin's linear bound
    (its centre without one), then split in two along one pixel: the one with the largest
    ``width x |coefficient|`` in that worst margin's linear bound (the widest pixel without a
    linear bound). Input splitting keeps every sub-problem a box of integer pixels, and the
    domain is finite: a box of one point is decided exactly by the reference executor, so
-   the search ends with ``robust`` or ``vulnerable`` unless the clock runs out (``timeout``).
+   the search ends with ``robust`` or ``vulnerable`` unless the clock runs out (``timeout``);
+5. MLP programs with one output scale: when input splitting has not decided within
+   ``bab_share`` of the time, the exact mixed-integer program of :mod:`qrobust.verify.milp`
+   (branching on neurons instead of pixels) gets the rest; its proofs rest on HiGHS's
+   arithmetic within a stated margin, so verdicts name the method that decided them.
 
 Margins are compared as integers (the linear bound's ceiling) when the output scale is one
 positive number and the output integers are small (|v| <= 2^22): then the executor's
@@ -458,8 +464,9 @@ def verify(program_or_integer_model, image_codes: torch.Tensor, label: int, eps:
     0..255) of ``image_codes`` (C, H, W) keeps the prediction ``label``.
 
     ``program_or_integer_model``: a lowered :class:`Program` or a ReferenceIntegerModel.
-    ``timeout``: wall-clock seconds for the whole query. The attack gets ``attack_share`` of
-    it (0 skips it), then input-splitting branch and bound; for MLP programs with one output
+    ``timeout``: wall-clock seconds for the whole query. The bounds of the whole box come
+    first (a proof there ends the query), then the attack gets ``attack_share`` of the time (0
+    skips it), then input-splitting branch and bound; for MLP programs with one output
     scale (``use_milp``) the branch and bound stops after ``bab_share`` of the time and the
     exact MILP (:mod:`qrobust.verify.milp`) gets the rest, then branch and bound again if the
     MILP could not decide. ``seed`` seeds the attack's torch.Generator; ``ties``: 'first' (the
@@ -473,12 +480,15 @@ def verify(program_or_integer_model, image_codes: torch.Tensor, label: int, eps:
     gen = torch.Generator().manual_seed(seed)
     method: Method | None = None
     with torch.no_grad():
+        bound = Bounder.of(query)
+        # the root box first: certified-trained models are mostly proved there, in one pass
+        if bool(bound(query.lo[None], query.hi[None])[0][0]):
+            return Verdict("robust", time.perf_counter() - start, 1, None, "branch-and-bound")
         found = attack(query, gen, start + attack_share * timeout) if attack_share > 0 else None
-        status, nodes = "vulnerable", 0
+        status, nodes = "vulnerable", 1
         if found is not None:
             method = "attack"
         else:
-            bound = Bounder.of(query)
             milp_ok = use_milp and bound.chain is not None and bound.integer
             first = min(deadline, time.perf_counter() + bab_share * timeout) if milp_ok else deadline
             status, nodes, found = branch_and_bound(query, first, batch, max_nodes)
