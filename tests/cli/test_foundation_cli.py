@@ -106,3 +106,25 @@ def test_fine_tune_from_a_checkpoint(tmp_path):
     assert abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"]) < 0.05
     assert main(["-q", "train", "--model", "small-cnn", "--data", "digits", "--epochs", "1",
                  "--init", str(first), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_certified_training_writes_a_quantized_checkpoint(tmp_path, capsys):
+    """QA-IBP from the command line: a quantized checkpoint that loads as a twin and lowers to
+    an integer program; bad options are one-line errors (exit 2) that write nothing."""
+    from qrobust.checkpoint import load_checkpoint, read_meta
+    from qrobust.integer import to_integer
+
+    out = tmp_path / "cert"
+    assert main(["-q", "train", "--model", "mlp", "--data", "digits", "--epochs", "2",
+                 "--certified-eps", "0.03", "--out", str(out)]) == 0
+    meta = read_meta(out)
+    assert meta["kind"] == "quantized" and meta["quant"]["certified"]["eps"] == 0.03
+    twin, _ = load_checkpoint(out)
+    assert to_integer(twin.eval(), "reference").program((1, 8, 8)).ops
+    for bad in (["--certified-eps", "1.5"], ["--certified-eps", "0"], ["--recipe", "w8a8"],
+                ["--certified-eps", "0.1", "--recipe", "w99"]):
+        target = tmp_path / "bad"
+        assert main(["-q", "train", "--model", "mlp", "--data", "digits", "--epochs", "1",
+                     *bad, "--out", str(target)]) == 2
+        assert not target.exists()
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
