@@ -14,7 +14,7 @@ script first checks the reading against the README (test accuracy, misclassified
 among 0..399) and against a second, numpy-only implementation of the README's semantics
 (:func:`readme_predict`, same predictions on the whole test set), then verifies a sample of
 queries (only correctly classified images, as the paper) and writes
-benchmarks/results/qnn_verification_sample.json; every counterexample is re-checked by the
+benchmarks/results/qnn_verification_sample.json (``--out`` for another file); every counterexample is re-checked by the
 numpy implementation (``counterexample_confirmed``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/qnn_verification.py \\
