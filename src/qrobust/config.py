@@ -18,6 +18,8 @@ Example (``qrobust demo`` writes one like it)::
     attacks:
       - {name: fgsm, eps: [0, 2/255, 8/255]}
       - {name: pgd, norm: linf, eps: [2/255, 8/255], params: {steps: 10}}
+    verify:  # complete verification of the integer programs, eps in pixel codes
+      - {eps: [1, 2, 0.1], timeout: 60, limit: 100}
     seeds: [0]
 
 Relative checkpoint paths are looked up from the current directory, then from the YAML

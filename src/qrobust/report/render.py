@@ -2,7 +2,9 @@
 
 Sections: summary table (clean accuracy and robust accuracy per recipe), accuracy vs eps
 (a curve per bit width), bits x eps heatmaps, clean accuracy vs bits, twin vs integer
-transfer, the fitted accuracy model with its goodness of fit, warnings, provenance.
+transfer, verified accuracy (verify cells) beside the attack's upper bound and smoothing
+certificates, certified accuracy, the fitted accuracy model with its goodness of fit,
+warnings, provenance.
 """
 
 from __future__ import annotations
