@@ -5,8 +5,8 @@ Used by ``qrobust verify`` and by the verify cells of a study (:mod:`qrobust.eva
 Each query runs in a worker process (``spawn``: a fresh interpreter, so no OpenMP state is
 inherited from a forked parent). :func:`qrobust.verify.verify` stops itself at ``timeout``
 (its clock is checked between batches of boxes); the pool is the second line of defense: a
-query still running ``timeout + GRACE(timeout)`` seconds after it was handed to a worker has
-its worker killed and is recorded as ``timeout``.
+query still running ``timeout + grace(timeout)`` seconds after it was handed to a started
+worker has its worker killed and is recorded as ``timeout``.
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ def _init_worker(program: Program) -> None:
     verify(program, image, int(predict(program, image[None])[0]), 0, 10.0)
 
 
+def _ready() -> None:
+    """A no-op task: returns once a worker has started (and run its initializer)."""
+
+
 def _run_query(image: torch.Tensor, label: int, eps: int, timeout: float, ties: str) -> dict:
     from qrobust.verify.search import verify
 
@@ -108,9 +112,9 @@ class Query:
 
 
 def grace(timeout: float) -> float:
-    """Extra seconds before a worker is killed: its start-up (a fresh interpreter imports
-    torch) and the verifier's clock checks, which come between batches of boxes."""
-    return 30.0 + 0.5 * timeout
+    """Extra seconds before a worker is killed: the verifier checks its clock between batches
+    of boxes, which take longer on a busy machine."""
+    return 10.0 + 0.5 * timeout
 
 
 def run_queries(program: Program, queries: list[Query], timeout: float, workers: int = 1,
@@ -143,6 +147,8 @@ def run_queries(program: Program, queries: list[Query], timeout: float, workers:
             running: dict[cf.Future, tuple[int, float]] = {}
             killed = False
             try:
+                # start every worker first: a fresh interpreter's start-up is not query time
+                cf.wait([pool.submit(_ready) for _ in range(workers)])
                 while (todo or running) and not killed:
                     while todo and len(running) < workers:  # in flight = executing: no queue
                         i = todo.pop()
