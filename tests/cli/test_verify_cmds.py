@@ -63,6 +63,7 @@ def one_line_error(capsys) -> str:
     (["--eps", "1", "--limit", "0"], "--limit must be > 0"),
     (["--eps", "1", "--workers", "0"], "--workers must be > 0"),
     (["--eps", "1", "--ties", "coin"], "unknown tie rule 'coin'"),
+    (["--eps", "1", "--data", "no-such-set"], "unknown dataset"),
 ])
 def test_bad_arguments_are_one_line_errors(digits_mlp_w4a4, tmp_path, capsys, args, message):
     out = tmp_path / "r.json"
@@ -98,3 +99,18 @@ def test_bad_checkpoints_are_one_line_errors(digits_mlp_w4a4, tmp_path, capsys):
     save_checkpoint(tmp_path / "f2", model, meta)
     assert "quantize it with `qrobust quantize` first" in verify(tmp_path / "f2")
     assert not out.exists()
+
+
+def test_data_of_another_shape_is_a_one_line_error(digits_mlp_w4a4, tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (4, 1, 6, 6), dtype=np.uint8),
+              "y_train": np.arange(4) % 2, "x_test": rng.integers(0, 256, (4, 1, 6, 6),
+                                                                   dtype=np.uint8),
+              "y_test": np.arange(4) % 2}
+    np.savez(tmp_path / "small.npz", **arrays)
+    assert main(["verify", "--ckpt", str(digits_mlp_w4a4[1]), "--eps", "1",
+                 "--data", str(tmp_path / "small.npz")]) == 2
+    assert "has images of shape (1, 6, 6); the checkpoint takes (1, 8, 8)" \
+        in one_line_error(capsys)

@@ -74,6 +74,10 @@ def verify_cmd(
 
     twin, meta = load_checkpoint(ckpt)
     ds = load_dataset(data or meta["dataset"], data_dir, verify=not no_verify)
+    expected = tuple(meta["model"]["input_shape"])
+    if ds.input_shape != expected:
+        raise ConfigError(f"--data {ds.name} has images of shape {ds.input_shape}; the "
+                          f"checkpoint takes {expected} ({meta['dataset']})")
     program = integer_program(twin.eval(), ds.input_shape)
     x, y = ds.test.subset(slice(0, limit)).tensors()
     codes = pixel_codes(x)
