@@ -56,8 +56,8 @@ def verify_cmd(
     from qrobust.checkpoint import atomic_write_bytes, load_checkpoint, read_meta
     from qrobust.data import load_dataset
     from qrobust.integer.base import pixel_codes
-    from qrobust.verify.run import Query, eps_codes, integer_program, run_queries, summarize
-    from qrobust.verify.search import TIES, predict
+    from qrobust.verify.run import eps_codes, integer_program, verify_points
+    from qrobust.verify.search import TIES
 
     radii = list(dict.fromkeys(eps_codes(e) for e in eps))  # bad input fails before any work
     _positive("--timeout", timeout)
@@ -80,22 +80,17 @@ def verify_cmd(
                           f"checkpoint takes {expected} ({meta['dataset']})")
     program = integer_program(twin.eval(), ds.input_shape)
     x, y = ds.test.subset(slice(0, limit)).tensors()
-    codes = pixel_codes(x)
-    pred = predict(program, codes)
-    correct = [i for i in range(len(y)) if int(pred[i]) == int(y[i])]
-    queries = [Query(i, codes[i], int(y[i]), e) for e in radii for i in correct]
-    records = run_queries(program, queries, timeout, workers, ties, progress=cli_progress())
-    summaries = {e: summarize([r for r in records if r["eps"] == e], len(y), len(correct))
-                 for e in radii}
+    run = verify_points(program, pixel_codes(x), y, radii, timeout, workers, ties,
+                        progress=cli_progress())
     if out is not None:
         result = {"ckpt": ckpt, "dataset": ds.name, "limit": len(y), "timeout": timeout,
-                  "ties": ties, "misclassified": [i for i in range(len(y)) if i not in
-                                                  set(correct)],
-                  "summary": {str(e): s for e, s in summaries.items()}, "queries": records}
+                  "ties": ties, "misclassified": run.misclassified,
+                  "summary": {str(e): s for e, s in run.summaries.items()},
+                  "queries": run.records}
         text = json.dumps(result)
         atomic_write_bytes(Path(out), lambda tmp: Path(tmp).write_text(text))
     typer.echo(f"{meta['model']['arch']} on the first {len(y)} {ds.name} test images, "
                f"{timeout:g} s per query (verified accuracy = robust / all images):")
-    typer.echo(table(summaries))
+    typer.echo(table(run.summaries))
     if out is not None:
         typer.echo(f"per-query results -> {out}")

@@ -20,7 +20,6 @@ the key ``qrobust certify`` rows carry; None for fine-tuned and QAT twins).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from qrobust.config import ModelConfig, StudyConfig, VerifyConfig, integer_recipe
@@ -76,31 +75,22 @@ def evaluate_group(bench: Workbench, cells: list[VerifyCell],
                    progress: bool | None = None) -> list[tuple[VerifyCell, dict]]:
     """Metrics of cells of one group (same model, recipe, seed and verify config)."""
     from qrobust.integer.base import pixel_codes
-    from qrobust.verify.run import Query, integer_program, run_queries, summarize
-    from qrobust.verify.search import predict
+    from qrobust.verify.run import integer_program, verify_points
 
-    start = time.perf_counter()
     first, v = cells[0], cells[0].verify
     twin = bench.twin(first.model, first.recipe, first.seed).eval()
     x, y = bench.test_points()
-    x, y = x[:v.limit], y[:v.limit]
-    program = integer_program(twin, tuple(x.shape[1:]))
-    codes = pixel_codes(x)
-    pred = predict(program, codes)
-    correct = [i for i in range(len(y)) if int(pred[i]) == int(y[i])]
-    queries = [Query(i, codes[i], int(y[i]), c.eps) for c in cells for i in correct]
-    log.info("verify %s %s (seed %d): %d queries", first.model.label, first.recipe, first.seed,
-             len(queries))
-    records = run_queries(program, queries, v.timeout, v.workers, v.ties, progress=progress)
+    codes = pixel_codes(x[:v.limit])
+    program = integer_program(twin, tuple(codes.shape[1:]))
+    log.info("verify %s %s (seed %d) at eps %s", first.model.label, first.recipe, first.seed,
+             [c.eps for c in cells])
+    run = verify_points(program, codes, y[:v.limit], [c.eps for c in cells], v.timeout,
+                        v.workers, v.ties, progress=progress)
     extra = {"input_dim": int(codes[0].numel()),
              "float_weights_sha256": _float_weights(bench, first)}
-    out = []
-    for c in cells:
-        mine = [r for r in records if r["eps"] == c.eps]
-        out.append((c, {**summarize(mine, len(y), len(correct)), **extra,
-                        "seconds": round(sum(r["seconds"] for r in mine), 4)}))
-    log.info("verify group done in %.1f s", time.perf_counter() - start)
-    return out
+    return [(c, {**run.summaries[c.eps], **extra,
+                 "seconds": round(sum(r["seconds"] for r in run.records if r["eps"] == c.eps),
+                                  4)}) for c in cells]
 
 
 def _float_weights(bench: Workbench, cell: VerifyCell) -> str | None:

@@ -1,7 +1,8 @@
 """Many verification queries of one integer program: eps parsing, the program of a quantized
 twin, a process pool that runs each query under a hard time limit, and the summary per eps.
 
-Used by ``qrobust verify`` and by the verify cells of a study (:mod:`qrobust.eval.grid`).
+:func:`verify_points` (test points x radii -> records and per-eps summaries) is the unit of
+work of ``qrobust verify`` and of a study's verify cells (:mod:`qrobust.eval.verification`).
 Each query runs in a worker process (``spawn``: a fresh interpreter, so no OpenMP state is
 inherited from a forked parent). :func:`qrobust.verify.verify` stops itself at ``timeout``
 (its clock is checked between batches of boxes); the pool is the second line of defense: a
@@ -174,6 +175,33 @@ def run_queries(program: Program, queries: list[Query], timeout: float, workers:
                     todo.extend(i for i, _ in running.values())
                 pool.shutdown(wait=True, cancel_futures=True)
     return [results[i] for i in range(len(queries))]
+
+
+@dataclass(frozen=True)
+class PointsRun:
+    """What :func:`verify_points` found: one record per query, the summary per eps, and the
+    points the program misclassifies (asked no query)."""
+
+    records: list[dict]
+    summaries: dict[int, dict]
+    misclassified: list[int]
+
+
+def verify_points(program: Program, codes: torch.Tensor, labels: torch.Tensor,
+                  radii: list[int], timeout: float, workers: int = 1, ties: str = "first",
+                  progress: bool | None = None) -> PointsRun:
+    """Verify test points (pixel codes (N, C, H, W), labels (N,)) at every eps in ``radii``
+    (codes): the points the program classifies correctly are queried, the others count as
+    not robust."""
+    from qrobust.verify.search import predict
+
+    pred = predict(program, codes)
+    correct = [i for i in range(len(labels)) if int(pred[i]) == int(labels[i])]
+    queries = [Query(i, codes[i], int(labels[i]), e) for e in radii for i in correct]
+    records = run_queries(program, queries, timeout, workers, ties, progress=progress)
+    summaries = {e: summarize([r for r in records if r["eps"] == e], len(labels), len(correct))
+                 for e in radii}
+    return PointsRun(records, summaries, sorted(set(range(len(labels))) - set(correct)))
 
 
 def summarize(records: list[dict], n: int, correct: int) -> dict:
