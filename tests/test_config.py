@@ -100,7 +100,7 @@ def test_bad_field_named_in_one_line(tmp_path, line, field, message):
 def test_missing_required_field(tmp_path):
     with pytest.raises(ConfigError, match=r"models: required field is missing"):
         load_study(write(tmp_path, "attacks: [{name: fgsm, eps: [0.1]}]\n"))
-    with pytest.raises(ConfigError, match=r"a study needs attacks, certify cells or both"):
+    with pytest.raises(ConfigError, match=r"a study needs attacks, certify or verify cells"):
         load_study(write(tmp_path, "models: [{arch: mlp}]\n"))
     with pytest.raises(ConfigError, match=r"certify\[0\].*noise 'laplace'"):
         load_study(write(tmp_path, "models: [{arch: mlp}]\ncertify: [{noise: laplace}]\n"))

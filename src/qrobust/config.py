@@ -18,6 +18,8 @@ Example (``qrobust demo`` writes one like it)::
     attacks:
       - {name: fgsm, eps: [0, 2/255, 8/255]}
       - {name: pgd, norm: linf, eps: [2/255, 8/255], params: {steps: 10}}
+    verify:  # complete verification of the integer programs, eps in pixel codes
+      - {eps: [1, 2, 0.1], timeout: 60, limit: 100}
     seeds: [0]
 
 Relative checkpoint paths are looked up from the current directory, then from the YAML
@@ -130,6 +132,12 @@ def _check_arch_params(arch: str, params: dict) -> None:
     except Exception as err:  # noqa: BLE001 - any failure is a bad option, said in one line
         raise ValueError(f"arch_params {params} do not build '{arch}': "
                          f"{type(err).__name__}: {err}") from None
+
+
+def integer_recipe(recipe: str) -> bool:
+    """Whether a recipe has an integer program: weights and activations of at most 8 bits
+    (float recipes, weight-only recipes and wider activations have none)."""
+    return all(b is not None and b <= 8 for b in recipe_bits(recipe))
 
 
 class _Strict(BaseModel):
@@ -303,6 +311,36 @@ class CertifyConfig(_Strict):
         return self
 
 
+class VerifyConfig(_Strict):
+    """Verify cells: complete verification (``qrobust.verify``) of the integer program of
+    every quantized recipe of every model, on the first ``limit`` of the study's test points,
+    one cell per eps in pixel codes (an integer 0..255, or a fraction of the input range
+    below 1 such as 0.1 or "8/255", converted as ``qrobust.verify.run.eps_codes`` says), each
+    query under ``timeout`` seconds in its own process (``workers`` at once; not part of a
+    cell's key). ``ties``: 'first' (the executor's argmax) or 'label'."""
+
+    eps: tuple[int, ...] = Field(min_length=1)
+    timeout: float = Field(60.0, gt=0)
+    limit: int = Field(100, ge=1)
+    ties: Literal["first", "label"] = "first"
+    workers: int = Field(1, ge=1)
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _codes(cls, v: Any) -> tuple[int, ...]:
+        from qrobust.verify.run import eps_codes
+
+        out = []
+        for i, e in enumerate(v if isinstance(v, (list, tuple)) else [v]):
+            try:
+                out.append(eps_codes(e))
+            except ConfigError as err:
+                raise ValueError(f"eps[{i}]: {err}") from None
+        if len(set(out)) != len(out):
+            raise ValueError(f"eps values repeat (in pixel codes): {out}")
+        return tuple(out)
+
+
 class FinetuneConfig(_Strict):
     """Train a defended variant of a model from its float weights (loaded or trained for the
     study), once per (recipe, seed), cached under ``<out>/models`` by content:
@@ -393,13 +431,14 @@ class StudyConfig(_Strict):
     defenses: tuple[DefenseConfig, ...] = Field((DefenseConfig(),), min_length=1)
     attacks: tuple[AttackConfig, ...] = ()
     certify: tuple[CertifyConfig, ...] = ()
+    verify: tuple[VerifyConfig, ...] = ()
     seeds: tuple[int, ...] = Field((0,), min_length=1)
     batch_size: int = Field(256, ge=1)
 
     @model_validator(mode="after")
     def _some_work(self) -> StudyConfig:
-        if not self.attacks and not self.certify:
-            raise ValueError("a study needs attacks, certify cells or both")
+        if not self.attacks and not self.certify and not self.verify:
+            raise ValueError("a study needs attacks, certify or verify cells")
         return self
 
     _defense_strings = field_validator("defenses", mode="before")(lambda v: _defense_dicts(v))
@@ -426,6 +465,14 @@ class StudyConfig(_Strict):
             if method == "dq" and floats:
                 raise ValueError(f"models[{i}] ({m.label}): dq fine-tunes quantized recipes; "
                                  f"remove {floats} from its recipes")
+        return self
+
+    @model_validator(mode="after")
+    def _verifiable(self) -> StudyConfig:
+        if self.verify and not any(integer_recipe(r) for m in self.models
+                                   for r in self.recipes_of(m)):
+            raise ValueError("verify cells verify integer programs: give a recipe with weights "
+                             "and activations of at most 8 bits (e.g. w8a8, w4a4)")
         return self
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ def _register_commands() -> None:
         quant_cmds,
         study_cmds,
         train_cmds,
+        verify_cmds,
     )
 
 

@@ -44,8 +44,10 @@ def run_cmd(config: str = typer.Argument(..., help="Study YAML file."),
     s = run_study(study, out, executor, progress=cli_progress(no_progress), **options)
     certified = (f"; certification: {s.images} images, {s.images - s.images_computed} already "
                  f"stored, {s.images_computed} computed" if study.certify else "")
+    verified = (f"; verify: {s.verify_cells} cells, {s.verify_cells - s.verify_computed} already "
+                f"stored, {s.verify_computed} computed" if study.verify else "")
     typer.echo(f"{study.name}: {s.total} cells, {s.skipped} already stored, {s.computed} computed"
-               f"{certified} in {s.seconds:.1f}s -> {s.store}")
+               f"{certified}{verified} in {s.seconds:.1f}s -> {s.store}")
 
 
 def flat_rows(store_file: Path) -> list[dict]:

@@ -43,6 +43,8 @@ class RunSummary:
     store: Path
     images: int = 0  # certification: images planned over all certify cells
     images_computed: int = 0
+    verify_cells: int = 0  # verify cells planned (qrobust.eval.verification)
+    verify_computed: int = 0
 
 
 def certification_jobs(study: StudyConfig, bench: Workbench) -> list:
@@ -144,5 +146,12 @@ def run_study(study: StudyConfig, out: str | Path, executor: str = "local",
                 done = certify_images(job, out, limit, executor, progress=progress,
                                       store=store, first=first, **options)
                 images, images_computed = images + len(done.rows), images_computed + done.computed
+        verify_cells = verify_computed = 0
+        if study.verify:  # in this process: each cell's queries run in their own process pool
+            from qrobust.eval.verification import run_verify_cells
+
+            bench = Workbench(study, out, progress=progress)
+            verify_cells, verify_computed = run_verify_cells(study, bench, store, progress)
     return RunSummary(len(cells), len(cells) - len(pending), len(written),
-                      time.perf_counter() - start, out / RESULTS, images, images_computed)
+                      time.perf_counter() - start, out / RESULTS, images, images_computed,
+                      verify_cells, verify_computed)

@@ -401,6 +401,12 @@ def _attack_label(attack: dict) -> str:
     return attack["name"] + (f"({','.join(shown)})" if shown else "")
 
 
+def model_label(model_identity: dict) -> str:
+    """A model's name in tables: its name, arch or checkpoint file name."""
+    m = model_identity
+    return m.get("name") or m.get("arch") or Path(m.get("checkpoint") or "").name
+
+
 def row_label(cell_config: dict) -> dict:
     """Flat, human-facing columns of a stored cell config (for tables and plots)."""
     c = cell_config
@@ -408,7 +414,6 @@ def row_label(cell_config: dict) -> dict:
     params = d.get("params") or {}
     defense = d["name"] + ("(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
                            if params else "")
-    m = c["model"]
-    return {"model": m.get("name") or m.get("arch") or Path(m.get("checkpoint") or "").name,
+    return {"model": model_label(c["model"]),
             "recipe": c["recipe"], "defense": defense, "attack": _attack_label(c["attack"]),
             "norm": c["attack"]["norm"], "eps": c["eps"], "seed": c["seed"]}

@@ -2,7 +2,9 @@
 
 Sections: summary table (clean accuracy and robust accuracy per recipe), accuracy vs eps
 (a curve per bit width), bits x eps heatmaps, clean accuracy vs bits, twin vs integer
-transfer, the fitted accuracy model with its goodness of fit, warnings, provenance.
+transfer, verified accuracy (verify cells) beside the attack's upper bound and smoothing
+certificates, certified accuracy, the fitted accuracy model with its goodness of fit,
+warnings, provenance.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
 import re
 import shutil
@@ -19,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qrobust.eval.grid import model_label
 from qrobust.eval.store import ResultStore
 from qrobust.report import plots
 from qrobust.report.fit import FORMULA, PARAMS, Fit, fit_accuracy
-from qrobust.report.tables import FLOAT_BITS, Record, cross_checks, records
+from qrobust.report.tables import FLOAT_BITS, Record, _mean_sd, cross_checks, records
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Report:
     missing: int = 0  # planned cells of the latest run with no stored result
     planned: int = 0
     certified: list[dict] = field(default_factory=list)  # one per certification cell
+    verified: list[dict] = field(default_factory=list)  # stored verify cells (table verify)
 
     @property
     def banner(self) -> str:
@@ -127,20 +132,30 @@ def certification_groups(store_file: str | Path) -> list[dict]:
     return out
 
 
+def verify_rows(store_file: str | Path) -> list[dict]:
+    """The stored verify cells of the latest run's plan (all of them without a plan)."""
+    with ResultStore(store_file) as store:
+        rows = store.rows("verify")
+        planned = store.get_meta("verify_plan")
+    return rows if planned is None else [r for r in rows if r["key"] in set(planned)]
+
+
 def build_report(store_file: str | Path) -> Report:
     rows, study, planned = load_rows(store_file)
     missing = max(0, planned - len({r["key"] for r in rows}))
     recs = records(rows)
     fits = fit_all(recs)
+    verified = verify_rows(store_file)
+    cells = rows + verified
     prov = {}
-    if rows:
-        shas = sorted({str(r["git_sha"]) for r in rows})
-        prov = {"git_sha": ", ".join(shas), "versions": rows[-1]["versions"],
-                "cells": len(rows),
-                "compute_seconds": round(sum(r["metrics"].get("seconds", 0) for r in rows), 1)}
+    if cells:
+        shas = sorted({str(r["git_sha"]) for r in cells})
+        prov = {"git_sha": ", ".join(shas), "versions": cells[-1]["versions"],
+                "cells": len(cells),
+                "compute_seconds": round(sum(r["metrics"].get("seconds", 0) for r in cells), 1)}
     rep = Report(f"qrobust study: {study.get('name', Path(store_file).parent.name)}", study,
                  recs, fits, provenance=prov, missing=missing, planned=planned,
-                 certified=certification_groups(store_file))
+                 certified=certification_groups(store_file), verified=verified)
     if rep.certified:
         rep.figures.append(Figure("certified-accuracy", "certified accuracy vs radius",
                                   plots.certified_accuracy(rep.certified),
@@ -225,6 +240,74 @@ def fit_table(fits: dict[tuple, Fit | str]) -> tuple[list[str], list[list[str]]]
     return head, body
 
 
+VERIFY_NOTE = ("Verified accuracy: the share of the first `limit` test points on which the "
+               "integer program is proved robust (complete verification, qrobust.verify) at eps "
+               "pixel codes, L-infinity; a lower bound on robust accuracy, exact where no query "
+               "timed out. 'attack (upper bound)': the lowest robust accuracy of the integer model "
+               "under the study's Linf attacks at the same eps (undefended; over the study's "
+               "n_test points, the same points when limit >= n_test). 'smoothing': randomized "
+               "smoothing of the same float checkpoint, certified accuracy at L2 radius "
+               "eps * sqrt(d) / 255, which contains the Linf ball (a different, smoothed "
+               "classifier, on its own images).")
+
+
+def _attack_bound(recs: list[Record], model: str, recipe: str, eps: int) -> str:
+    """The lowest robust accuracy of the integer model over the Linf attacks at eps codes."""
+    found = []
+    for r in recs:
+        if ((r.model, r.recipe, r.defense, r.norm) == (model, recipe, "none", "linf")
+                and abs(r.eps * 255 - eps) < 1e-6):
+            for k in ("robust_acc_int", "robust_acc_int_square"):
+                if r.metrics.get(k) is not None:
+                    found.append((r.metrics[k], r.attack))
+    if not found:
+        return "–"
+    value, attack = min(found)
+    return f"{_fmt(value)} ({attack})"
+
+
+def _smoothing(groups: list[dict], sha: str | None, eps: int, dim: int) -> str:
+    """Certified accuracy of each smoothing cell of the float checkpoint ``sha`` at the L2
+    radius that contains the Linf ball of ``eps`` codes."""
+    radius = eps * math.sqrt(dim) / 255
+    shown = []
+    for g in groups:
+        if sha is None or g["config"]["weights_sha256"] != sha:
+            continue
+        m = g["members"]
+        acc = sum(x["correct"] and x["radius"] >= radius for x in m) / len(m)
+        kind = "int" if g["config"]["integer"] else "float"
+        shown.append(f"{_fmt(acc)} ({kind}, sigma {g['config']['sigma']:g})")
+    return "; ".join(shown) or "–"
+
+
+def verification_table(rep: Report) -> tuple[list[str], list[list[str]]]:
+    """Rows (model, recipe, timeout, eps): verified accuracy (mean over seeds) and counts
+    (summed over seeds) beside the attack's upper bound and smoothing certificates."""
+    head = ["model", "recipe", "timeout s", "eps codes", "n", "clean int", "verified",
+            "vulnerable", "timeouts", "median s", "max s", "attack (upper bound)", "smoothing"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rep.verified:
+        c = r["config"]
+        groups.setdefault((model_label(c["model"]), c["recipe"], c["verify"]["timeout"],
+                           c["eps"]), []).append(r["metrics"])
+    body = []
+    for (model, recipe, timeout, eps), ms in sorted(groups.items()):
+        mean = {k: _mean_sd([m[k] for m in ms])[0] for k in ("clean_acc", "verified_acc")}
+        total = {k: sum(m[k] for m in ms) for k in ("n", "vulnerable", "timeout")}
+        medians = [m["median_seconds"] for m in ms if m["median_seconds"] is not None]
+        maxima = [m["max_seconds"] for m in ms if m["max_seconds"] is not None]
+        body.append([model, recipe, f"{timeout:g}", str(eps), str(total["n"]),
+                     _fmt(mean["clean_acc"]), _fmt(mean["verified_acc"]),
+                     str(total["vulnerable"]), str(total["timeout"]),
+                     _fmt(float(np.median(medians)) if medians else None),
+                     _fmt(max(maxima) if maxima else None),
+                     _attack_bound(rep.recs, model, recipe, eps),
+                     _smoothing(rep.certified, ms[0].get("float_weights_sha256"), eps,
+                                ms[0]["input_dim"])])
+    return head, body
+
+
 # -- markdown ---------------------------------------------------------------------------------
 def certification_table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
     radii = ("0", "0.25", "0.5", "0.75", "1")
@@ -254,6 +337,9 @@ def to_markdown(rep: Report, image_dir: str = ".") -> str:
               "bits = the smaller of weight/activation bits, 32 for float recipes; least squares "
               "(scipy.optimize.curve_fit); R² and RMSE on the fitted points.", "",
               _md_table(*fit_table(rep.fits)), ""]
+    if rep.verified:
+        parts += ["## Verified accuracy (integer model, complete verification)", "",
+                  VERIFY_NOTE, "", _md_table(*verification_table(rep)), ""]
     if rep.certified:
         parts += ["## Certified accuracy (randomized smoothing)", "",
                   "Certified accuracy at L2 radius r (pixel units) over each cell's images; "
@@ -322,6 +408,9 @@ def to_html(rep: Report) -> str:
         "<h2>Twin vs integer model</h2>", no_int, *map(_img, figs["transfer"]),
         "<details><summary>transfer table</summary>", _html_table(*transfer_table(rep.recs)),
         "</details>",
+        *([f"<h2>Verified accuracy (integer model, complete verification)</h2><p>"
+           f"{e(VERIFY_NOTE)}</p>", _html_table(*verification_table(rep))]
+          if rep.verified else []),
         *(["<h2>Certified accuracy (randomized smoothing)</h2>",
             _html_table(*certification_table(rep.certified)),
             *map(_img, [f for f in rep.figures if f.name == "certified-accuracy"])]
