@@ -36,7 +36,7 @@ def test_verify_prints_the_table_and_writes_per_query_json(digits_mlp_w4a4, tmp_
     program = integer_program(twin, (1, 8, 8))
     x, y = load_dataset("digits").test.tensors()
     for q in result["queries"]:
-        assert set(q) == {"id", "eps", "verdict", "seconds", "nodes", "counterexample"}
+        assert set(q) == {"id", "eps", "verdict", "method", "seconds", "nodes", "counterexample"}
         assert q["id"] not in result["misclassified"]
         assert (q["counterexample"] is not None) == (q["verdict"] == "vulnerable")
         if q["counterexample"] is not None:  # in the ball, in range, misclassified

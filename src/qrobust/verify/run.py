@@ -97,7 +97,7 @@ def _run_query(image: torch.Tensor, label: int, eps: int, timeout: float, ties: 
 
     v = verify(_PROGRAM[0], image, label, eps, timeout, ties=ties)  # type: ignore[arg-type]
     cex = v.counterexample
-    return {"verdict": v.status, "seconds": v.seconds, "nodes": v.nodes,
+    return {"verdict": v.status, "method": v.method, "seconds": v.seconds, "nodes": v.nodes,
             "counterexample": None if cex is None else cex.tolist()}
 
 
@@ -165,7 +165,7 @@ def run_queries(program: Program, queries: list[Query], timeout: float, workers:
                     for future, (i, started) in list(running.items()):
                         if now - started >= limit:  # overran: its verdict is timeout
                             running.pop(future)
-                            finish(i, {"verdict": "timeout", "seconds": now - started,
+                            finish(i, {"verdict": "timeout", "method": None, "seconds": now - started,
                                        "nodes": 0, "counterexample": None})
                             killed = True
             finally:
