@@ -181,12 +181,12 @@ class RequantOp:
 
     - ``"fixed"`` (lowered twins): ``r = (sum_t (v_t - z_t) m_t + 2^(S-1)) >> S``, round half up;
     - ``"tflite"`` (imported TFLite files): TFLite's MultiplyByQuantizedMultiplier, two roundings
-      (gemmlowp's SaturatingRoundingDoublingHighMul, then RoundingDivideByPOT, half away from
-      zero) of ``x = sum_t (v_t - z_t)`` shifted left by ``left_shift``; every term carries the
-      same multiplier, and TFLite's exponent is ``31 - S``;
+      of ``x = sum_t (v_t - z_t)`` shifted left by ``left_shift`` (and by TFLite's exponent
+      ``31 - S`` where positive): gemmlowp's SaturatingRoundingDoublingHighMul (ties up), then
+      RoundingDivideByPOT by ``S - 31`` (ties away from zero); every term carries one multiplier;
     - ``"ruy"``: the same two steps as ruy's int8 kernels round them (TFLite's builtin CONV_2D and
       FULLY_CONNECTED): ``h = (x' m + 2^30) >> 31``, then ``(h + 2^(S-32)) >> (S - 31)``, both
-      halves rounding up;
+      ties up;
     - ``"away"``: ``r = sign(x) ((|x| m + 2^(S-1)) >> S)`` with ``x = v - z`` of one term: round
       half away from zero (TFLite's average pooling divides so).
     """

@@ -219,8 +219,9 @@ def _requantize_exact(values: list[torch.Tensor], op: RequantOp, where: tuple) -
 
 
 def _rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """gemmlowp's SaturatingRoundingDoublingHighMul of int32 values held in int64: the high 32
-    bits of 2 a b, rounded half away from zero (no saturation: b > 0)."""
+    """gemmlowp's SaturatingRoundingDoublingHighMul of int32 values held in int64: 2 a b / 2^32
+    rounded to nearest, ties up (its nudge 1 - 2^30 for negative products, then C++'s division
+    toward zero); no saturation case, as b > 0."""
     ab = a * b
     nudge = torch.where(ab >= 0, 1 << 30, 1 - (1 << 30))
     return torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")  # C++ division truncates
