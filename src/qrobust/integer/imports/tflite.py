@@ -230,6 +230,25 @@ class _OneOp:
 
     def run(self, op_index: int, x: np.ndarray, out_shape: tuple[int, ...],
             valid_padding: bool = False) -> np.ndarray:
+        """The op's output for input ``x`` (batch first), in batches of at most 16 MB."""
+        rows = max(1, min(len(x), 2**24 // max(1, x[0].nbytes)))
+        interp = self.interpreter_for(op_index, (rows, *x.shape[1:]), (rows, *out_shape[1:]),
+                                      valid_padding)
+        inp, out = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
+        parts = []
+        for start in range(0, len(x), rows):
+            chunk = x[start:start + rows]
+            pad = rows - len(chunk)
+            interp.set_tensor(inp, np.concatenate([chunk, chunk[:1].repeat(pad, 0)]) if pad
+                              else chunk)
+            interp.invoke()
+            parts.append(interp.get_tensor(out)[:len(chunk)].copy())
+        return np.concatenate(parts)
+
+    def interpreter_for(self, op_index: int, in_shape: tuple[int, ...],
+                        out_shape: tuple[int, ...], valid_padding: bool):
+        """A LiteRT interpreter of a model holding the file's op ``op_index`` alone, its first
+        input resized to ``in_shape``."""
         import flatbuffers
 
         graph = self.model.subgraphs[0]
@@ -247,7 +266,7 @@ class _OneOp:
             tensors.append(t)
             return len(tensors) - 1
 
-        op.inputs = [take(op.inputs[0], x.shape)] + [take(i, None) for i in op.inputs[1:] if i >= 0]
+        op.inputs = [take(op.inputs[0], in_shape)] + [take(i, None) for i in op.inputs[1:] if i >= 0]
         op.outputs = [take(op.outputs[0], out_shape)]
         if valid_padding:
             op.builtinOptions.padding = self.schema.Padding.VALID
@@ -261,9 +280,7 @@ class _OneOp:
         interp = self.interpreter.Interpreter(model_content=bytes(builder.Output()),
                                               experimental_op_resolver_type=self.resolver)
         interp.allocate_tensors()
-        interp.set_tensor(interp.get_input_details()[0]["index"], x)
-        interp.invoke()
-        return interp.get_tensor(interp.get_output_details()[0]["index"]).copy()
+        return interp
 
 
 def _resolver(kernels: str):
