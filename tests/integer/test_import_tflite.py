@@ -28,20 +28,30 @@ from qrobust.integer.program import FlattenOp, LookupOp, OutputOp  # noqa: E402
 from qrobust.integer.reference import execute  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FILES = ("mlp_digits_int8.tflite", "cnn_digits_int8.tflite", "cnn_float_io.tflite")
+FILES = ("mlp_digits_int8.tflite", "cnn_digits_int8.tflite", "cnn_float_io.tflite",
+         "gap_int8.tflite", "strided_same_int8.tflite")
 KERNELS = ("builtin", "reference")
 N_RANDOM = 300
 
-# op family -> the fixture holding it
+# op family -> (the fixture holding it, the op)
 FAMILIES = {
-    "FULLY_CONNECTED": "mlp_digits_int8.tflite", "RESHAPE": "mlp_digits_int8.tflite",
-    "CONV_2D": "cnn_digits_int8.tflite", "DEPTHWISE_CONV_2D": "cnn_digits_int8.tflite",
-    "ADD": "cnn_digits_int8.tflite", "MAX_POOL_2D": "cnn_digits_int8.tflite",
-    "AVERAGE_POOL_2D": "cnn_digits_int8.tflite", "CONCATENATION": "cnn_digits_int8.tflite",
-    "SOFTMAX": "cnn_digits_int8.tflite", "QUANTIZE": "cnn_float_io.tflite",
-    "HARD_SWISH": "cnn_float_io.tflite", "LOGISTIC": "cnn_float_io.tflite",
-    "MUL": "cnn_float_io.tflite", "MEAN": "cnn_float_io.tflite",
-    "DEQUANTIZE": "cnn_float_io.tflite",
+    "FULLY_CONNECTED": ("mlp_digits_int8.tflite", "FULLY_CONNECTED"),
+    "RESHAPE": ("mlp_digits_int8.tflite", "RESHAPE"),
+    "CONV_2D": ("cnn_digits_int8.tflite", "CONV_2D"),
+    "CONV_2D stride 2, SAME padded one more at the bottom": ("strided_same_int8.tflite", "CONV_2D"),
+    "DEPTHWISE_CONV_2D": ("cnn_digits_int8.tflite", "DEPTHWISE_CONV_2D"),
+    "ADD": ("cnn_digits_int8.tflite", "ADD"),
+    "MAX_POOL_2D": ("cnn_digits_int8.tflite", "MAX_POOL_2D"),
+    "AVERAGE_POOL_2D": ("cnn_digits_int8.tflite", "AVERAGE_POOL_2D"),
+    "CONCATENATION": ("cnn_digits_int8.tflite", "CONCATENATION"),
+    "SOFTMAX": ("cnn_digits_int8.tflite", "SOFTMAX"),
+    "QUANTIZE": ("cnn_float_io.tflite", "QUANTIZE"),
+    "HARD_SWISH": ("cnn_float_io.tflite", "HARD_SWISH"),
+    "LOGISTIC": ("cnn_float_io.tflite", "LOGISTIC"),
+    "MUL": ("cnn_float_io.tflite", "MUL"),
+    "MEAN keep dims": ("cnn_float_io.tflite", "MEAN"),
+    "MEAN (GlobalAveragePooling2D)": ("gap_int8.tflite", "MEAN"),
+    "DEQUANTIZE": ("cnn_float_io.tflite", "DEQUANTIZE"),
 }
 
 
@@ -105,7 +115,7 @@ def _flat_order(h: int, w: int, c: int) -> np.ndarray:
 
 
 def _random_pixels(name: str, n: int = N_RANDOM) -> np.ndarray:
-    shape = {"cnn_float_io.tflite": (3, 12, 12)}.get(name, (1, 8, 8))
+    shape = {"cnn_float_io.tflite": (3, 12, 12), "gap_int8.tflite": (2, 6, 6)}.get(name, (1, 8, 8))
     return np.random.default_rng(0).integers(0, 256, size=(n, *shape))
 
 
@@ -189,16 +199,17 @@ def test_dequantized_outputs_equal_runtime(runs):
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_op_family_bit_exact(runs, family, kernels):
-    run = runs(FAMILIES[family], kernels)
+    name, op_name = FAMILIES[family]
+    run = runs(name, kernels)
     path = run.path
-    if family in ("SOFTMAX", "DEQUANTIZE"):  # the program ends at their input codes
+    if op_name in ("SOFTMAX", "DEQUANTIZE"):  # the program ends at their input codes
         slot = run.output_slot()
         ours = run.ours[slot].numpy()
         assert np.array_equal(ours.reshape(len(ours), -1),
                               run.theirs[int(slot[1:])].reshape(len(ours), -1))
         return
-    outputs = _op_outputs(path, family)
-    assert outputs, f"fixture {path.name} has no {family}"
+    outputs = _op_outputs(path, op_name)
+    assert outputs, f"fixture {path.name} has no {op_name}"
     for i in outputs:
         assert np.array_equal(run.file_layout(f"t{i}"), run.theirs[i]), (
             f"{family} output tensor {i} differs from LiteRT")

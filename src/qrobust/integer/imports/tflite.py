@@ -11,6 +11,8 @@ How each op becomes exact integer ops (program layout N C H W; the file's is N H
 - CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED: integer convolution / product of centred codes plus
   the int32 bias, then :class:`RequantOp` with TFLite's own multipliers (QuantizeMultiplier of
   the float64 ratio of the float32 scales) and its rounding; the fused activation is the clamp.
+  SAME padding that pads one more row at the bottom (stride 2, even sizes) becomes symmetric
+  padding and a kernel grown by a zero row at the top.
 - ADD: TFLite scales both inputs by 2^20 and requantizes each (twice rounded) before summing and
   requantizing again: two wide "tflite" requantizations and a two-term one.
 - MUL: the product of centred codes, then one requantization.
@@ -425,14 +427,17 @@ class _Importer:
             stride = (opts.StrideH(), opts.StrideW())
             kh, kw = w.shape[1:3]
             shape = self.f.shape(outs[0])
-            padding = self.padding(k, opts.Padding(), x.shape, shape, (kh, kw), stride)
+            pads = self.padding(opts.Padding(), x.shape, shape, (kh, kw), stride)
+            # depthwise (1, kh, kw, O) -> (O, 1, kh, kw); conv OHWI -> OIHW
+            oihw = w[0].transpose(2, 0, 1)[:, None] if kind == "DEPTHWISE_CONV_2D" else w.transpose(
+                0, 3, 1, 2)
+            oihw, padding = self.symmetric(oihw, pads)
+            weight = torch.from_numpy(np.ascontiguousarray(oihw))
             if kind == "DEPTHWISE_CONV_2D":
-                weight = torch.from_numpy(w[0].transpose(2, 0, 1)[:, None].copy())  # (O, 1, kh, kw)
                 self.ops.append(GroupConvOp(slot, x.slot, x.zero_point, weight,
                                             torch.from_numpy(bias), stride, padding, acc_scale,
                                             x.shape[3]))
             else:
-                weight = torch.from_numpy(w.transpose(0, 3, 1, 2).copy())  # OHWI -> OIHW
                 self.ops.append(ConvOp(slot, x.slot, x.zero_point, weight, torch.from_numpy(bias),
                                        stride, padding, acc_scale))
         lo, hi = activation_range(opts.FusedActivationFunction(), s_out, z_out)
@@ -450,20 +455,24 @@ class _Importer:
     def fully_connected(self, k, op, ins, outs):
         self.conv_like(k, op, ins, outs, "FULLY_CONNECTED")
 
-    def padding(self, k: int, mode: int, in_shape, out_shape, kernel, stride) -> tuple[int, int]:
-        """VALID, or SAME where TFLite pads both sides alike (odd totals pad one more at the
-        bottom / right, which the program's symmetric padding cannot say)."""
+    def padding(self, mode: int, in_shape, out_shape, kernel, stride) -> list[tuple[int, int]]:
+        """(before, after) padding of H and W: none for VALID; for SAME, TFLite's total split
+        with the odd cell after (bottom / right)."""
         if mode == 1:  # VALID
-            return (0, 0)
+            return [(0, 0), (0, 0)]
         pads = []
         for size, out, kk, s in zip(in_shape[1:3], out_shape[1:3], kernel, stride, strict=True):
             total = max((out - 1) * s + kk - size, 0)
-            if total % 2:
-                raise self.fail(k, f"SAME padding of {total} rows / columns pads one side more; "
-                                   "only symmetric padding is supported (use odd input sizes or "
-                                   "VALID padding)")
-            pads.append(total // 2)
-        return (pads[0], pads[1])
+            pads.append((total // 2, total - total // 2))
+        return pads
+
+    @staticmethod
+    def symmetric(weight: np.ndarray, pads: list[tuple[int, int]]):
+        """Weights (O, I, kh, kw) and symmetric padding that convolve as the (before, after)
+        padding ``pads``: pad both sides by the larger amount and grow the kernel by zero rows /
+        columns on the side padded less (they read only the extra padding)."""
+        grow = [(p - b, p - a) for (b, a), p in ((ba, max(ba)) for ba in pads)]
+        return np.pad(weight, [(0, 0), (0, 0), *grow]), (max(pads[0]), max(pads[1]))
 
     def flat(self, k: int, x: _Value, slot: str) -> _Value:
         """x as (1, F) with its column order: a 4-D NHWC tensor is flattened (program C H W)."""
@@ -536,10 +545,11 @@ class _Importer:
         self.emit(self.requant(f"t{outs[0]}", (term,), np.full(channels, e), z_out, lo, hi),
                   outs[0], s_out, z_out, a.shape, lo, hi, a.order)
 
-    def table(self, k: int, x: _Value, outs: list[int], table: np.ndarray, qmin: int) -> None:
+    def table(self, k: int, x: _Value, outs: list[int], table: np.ndarray, qmin: int,
+              slot: str | None = None) -> None:
         s_out, z_out = self.out_quant(outs[0])
         t = torch.from_numpy(table.astype(np.int64).reshape(-1))
-        self.emit(LookupOp(f"t{outs[0]}", x.slot, qmin, t), outs[0], s_out, z_out,
+        self.emit(LookupOp(slot or f"t{outs[0]}", x.slot, qmin, t), outs[0], s_out, z_out,
                   self.f.shape(outs[0]) if len(x.shape) == 4 else x.shape,
                   int(t.min()), int(t.max()), x.order)
 
@@ -570,7 +580,7 @@ class _Importer:
         opts = self.f.options(op, "Pool2DOptions")
         kernel, stride = (opts.FilterHeight(), opts.FilterWidth()), (opts.StrideH(), opts.StrideW())
         shape = self.f.shape(outs[0])
-        if self.padding(k, opts.Padding(), x.shape, shape, kernel, stride) != (0, 0):
+        if self.padding(opts.Padding(), x.shape, shape, kernel, stride) != [(0, 0), (0, 0)]:
             raise self.fail(k, "MAX_POOL_2D with padding is not supported")
         s_out, z_out = self.out_quant(outs[0])
         if (s_out, z_out) != (x.scale, x.zero_point):
@@ -582,7 +592,7 @@ class _Importer:
             self.emit(ClampOp(f"t{outs[0]}", slot, lo, hi), outs[0], s_out, z_out, shape, lo, hi)
 
     def sum_table(self, k: int, x: _Value, sum_slot: str, outs: list[int], table: np.ndarray,
-                  n: int) -> None:
+                  n: int, slot: str | None = None) -> None:
         """Codes of an op whose output is a function of the raw sum of n codes: ``table`` (K, C)
         holds its outputs for sums -128 n .. 127 n per channel. Channels with one table read it
         by a lookup of the sum; where the kernel computes some channels otherwise (TFLite's
@@ -597,14 +607,15 @@ class _Importer:
             self.ops.append(GroupConvOp(f"{sum_slot}:offset", sum_slot, 0, ones, offset, (1, 1),
                                         (0, 0), torch.ones(c, dtype=torch.float64), c))
             sum_slot = f"{sum_slot}:offset"
-        self.table(k, _Value(sum_slot, x.scale, 0, x.shape), outs, tables.reshape(-1), -128 * n)
+        self.table(k, _Value(sum_slot, x.scale, 0, x.shape), outs, tables.reshape(-1), -128 * n,
+                   slot)
 
     def average_pool_2d(self, k, op, ins, outs):
         x = self.value(k, ins[0])
         opts = self.f.options(op, "Pool2DOptions")
         kernel, stride = (opts.FilterHeight(), opts.FilterWidth()), (opts.StrideH(), opts.StrideW())
         shape = self.f.shape(outs[0])
-        if self.padding(k, opts.Padding(), x.shape, shape, kernel, stride) != (0, 0):
+        if self.padding(opts.Padding(), x.shape, shape, kernel, stride) != [(0, 0), (0, 0)]:
             raise self.fail(k, "AVERAGE_POOL_2D with padding (TFLite divides by the count of "
                                "real cells) is not supported")
         n, c = kernel[0] * kernel[1], x.shape[3]
@@ -622,16 +633,16 @@ class _Importer:
             raise self.fail(k, f"MEAN over axes {axes} of shape {list(x.shape)}; supported: the "
                                "spatial axes [1, 2] of an NHWC tensor")
         _, h, w, c = x.shape
-        n = h * w
+        n, size = h * w, 255 * h * w + 1
         self.ops.append(SumPoolOp(f"t{outs[0]}:sum", x.slot, 0))
-        size = 255 * n + 1
         table = self.one_op.run(k, _sum_inputs(n, (h, w), c), (size, 1, 1, c) if keep else (size, c))
+        means = f"t{outs[0]}" if keep else f"t{outs[0]}:nchw"
         self.sum_table(k, _Value(f"t{outs[0]}:sum", x.scale, 0, (1, 1, 1, c)), f"t{outs[0]}:sum",
-                       outs, table.reshape(size, c), n)
+                       outs, table.reshape(size, c), n, means)
         if not keep:  # (1, C): the program's (N, C, 1, 1) flattened, order unchanged
             v = self.env[outs[0]]
             flat = self.flat(k, _Value(v.slot, v.scale, v.zero_point, (1, 1, 1, c)),
-                             f"t{outs[0]}:flat")
+                             f"t{outs[0]}")
             self.env[outs[0]] = _Value(flat.slot, v.scale, v.zero_point, self.f.shape(outs[0]),
                                        flat.order)
 
