@@ -29,7 +29,7 @@ from qrobust.integer.reference import execute  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FILES = ("mlp_digits_int8.tflite", "cnn_digits_int8.tflite", "cnn_float_io.tflite",
-         "gap_int8.tflite", "strided_same_int8.tflite")
+         "gap_int8.tflite", "strided_same_int8.tflite", "se_block_int8.tflite")
 KERNELS = ("builtin", "reference")
 N_RANDOM = 300
 
@@ -49,6 +49,7 @@ FAMILIES = {
     "HARD_SWISH": ("cnn_float_io.tflite", "HARD_SWISH"),
     "LOGISTIC": ("cnn_float_io.tflite", "LOGISTIC"),
     "MUL": ("cnn_float_io.tflite", "MUL"),
+    "MUL (1, 1, 1, C) x (1, H, W, C)": ("se_block_int8.tflite", "MUL"),
     "MEAN keep dims": ("cnn_float_io.tflite", "MEAN"),
     "MEAN (GlobalAveragePooling2D)": ("gap_int8.tflite", "MEAN"),
     "DEQUANTIZE": ("cnn_float_io.tflite", "DEQUANTIZE"),
@@ -115,7 +116,8 @@ def _flat_order(h: int, w: int, c: int) -> np.ndarray:
 
 
 def _random_pixels(name: str, n: int = N_RANDOM) -> np.ndarray:
-    shape = {"cnn_float_io.tflite": (3, 12, 12), "gap_int8.tflite": (2, 6, 6)}.get(name, (1, 8, 8))
+    shape = {"cnn_float_io.tflite": (3, 12, 12), "gap_int8.tflite": (2, 6, 6),
+             "se_block_int8.tflite": (3, 7, 7)}.get(name, (1, 8, 8))
     return np.random.default_rng(0).integers(0, 256, size=(n, *shape))
 
 

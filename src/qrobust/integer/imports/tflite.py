@@ -15,7 +15,8 @@ How each op becomes exact integer ops (program layout N C H W; the file's is N H
   padding and a kernel grown by a zero row at the top.
 - ADD: TFLite scales both inputs by 2^20 and requantizes each (twice rounded) before summing and
   requantizing again: two wide "tflite" requantizations and a two-term one.
-- MUL: the product of centred codes, then one requantization.
+- MUL: the product of centred codes (also (1, 1, 1, C) times (1, H, W, C)), then one
+  requantization.
 - AVERAGE_POOL_2D, MEAN (over H, W): the output is a function of the integer window sum of raw
   codes alone, whatever the kernel computes inside (integer division or float32 arithmetic):
   a window / global sum, then a :class:`LookupOp` over every possible sum, filled by running the
@@ -528,9 +529,14 @@ class _Importer:
 
     def mul(self, k, op, ins, outs):
         a, b = self.value(k, ins[0]), self.value(k, ins[1])
-        if a.shape != b.shape or len(a.shape) not in (2, 4):
+        # (1, 1, 1, C) broadcasts over (1, H, W, C) (squeeze-and-excitation), as (N, C, 1, 1)
+        # over (N, C, H, W) in the program
+        per_channel = {(1, 1, 1, a.shape[-1]), (1, 1, 1, b.shape[-1])}
+        if not (a.shape == b.shape and len(a.shape) in (2, 4)) and not (
+                len(a.shape) == len(b.shape) == 4 and a.shape[-1] == b.shape[-1]
+                and (a.shape in per_channel or b.shape in per_channel)):
             raise self.fail(k, f"MUL of shapes {list(a.shape)} and {list(b.shape)}; supported: "
-                               "equal shapes")
+                               "equal shapes, or (1, 1, 1, C) times (1, H, W, C)")
         s_out, z_out = self.out_quant(outs[0])
         channels = a.shape[-1] if len(a.shape) == 4 else a.shape[1]
         slot = f"t{outs[0]}:prod"
@@ -543,7 +549,7 @@ class _Importer:
         lo, hi = activation_range(self.f.options(op, "MulOptions").FusedActivationFunction(),
                                   s_out, z_out)
         self.emit(self.requant(f"t{outs[0]}", (term,), np.full(channels, e), z_out, lo, hi),
-                  outs[0], s_out, z_out, a.shape, lo, hi, a.order)
+                  outs[0], s_out, z_out, self.f.shape(outs[0]), lo, hi, a.order)
 
     def table(self, k: int, x: _Value, outs: list[int], table: np.ndarray, qmin: int,
               slot: str | None = None) -> None:
