@@ -29,7 +29,8 @@ from qrobust.integer.reference import execute  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FILES = ("mlp_digits_int8.tflite", "cnn_digits_int8.tflite", "cnn_float_io.tflite",
-         "gap_int8.tflite", "strided_same_int8.tflite", "se_block_int8.tflite")
+         "gap_int8.tflite", "strided_same_int8.tflite", "se_block_int8.tflite",
+         "softmax_float_io.tflite")
 KERNELS = ("builtin", "reference")
 N_RANDOM = 300
 
@@ -45,6 +46,7 @@ FAMILIES = {
     "AVERAGE_POOL_2D": ("cnn_digits_int8.tflite", "AVERAGE_POOL_2D"),
     "CONCATENATION": ("cnn_digits_int8.tflite", "CONCATENATION"),
     "SOFTMAX": ("cnn_digits_int8.tflite", "SOFTMAX"),
+    "SOFTMAX then DEQUANTIZE": ("softmax_float_io.tflite", "SOFTMAX"),
     "QUANTIZE": ("cnn_float_io.tflite", "QUANTIZE"),
     "HARD_SWISH": ("cnn_float_io.tflite", "HARD_SWISH"),
     "LOGISTIC": ("cnn_float_io.tflite", "LOGISTIC"),
@@ -117,7 +119,8 @@ def _flat_order(h: int, w: int, c: int) -> np.ndarray:
 
 def _random_pixels(name: str, n: int = N_RANDOM) -> np.ndarray:
     shape = {"cnn_float_io.tflite": (3, 12, 12), "gap_int8.tflite": (2, 6, 6),
-             "se_block_int8.tflite": (3, 7, 7)}.get(name, (1, 8, 8))
+             "se_block_int8.tflite": (3, 7, 7), "softmax_float_io.tflite": (1, 5, 5)}.get(name,
+                                                                                       (1, 8, 8))
     return np.random.default_rng(0).integers(0, 256, size=(n, *shape))
 
 

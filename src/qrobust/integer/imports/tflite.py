@@ -315,6 +315,7 @@ class _Importer:
         self.env: dict[int, _Value] = {}
         self.float_input: int | None = None
         self.output: OutputOp | None = None
+        self.softmax_out: int | None = None
 
     def fail(self, k: int, what: str) -> ConfigError:
         return ConfigError(f"{self.f.name}: operator {k}: {what}")
@@ -380,7 +381,8 @@ class _Importer:
             if name not in SUPPORTED:
                 raise ConfigError(f"{self.f.name}: unsupported TFLite op {name} (operator {k}); "
                                   f"supported: {', '.join(SUPPORTED)}")
-            if self.output is not None:
+            if self.output is not None and not (name == "DEQUANTIZE"
+                                                and ins[0] == self.softmax_out):
                 raise self.fail(k, f"{name} after the model's output op (SOFTMAX / DEQUANTIZE "
                                    "must come last)")
             getattr(self, name.lower())(k, op, ins, outs)
@@ -671,15 +673,28 @@ class _Importer:
 
     def softmax(self, k, op, ins, outs):
         x = self.value(k, ins[0])
-        if outs[0] != int(self.f.graph.Outputs(0)):
-            raise self.fail(k, "SOFTMAX is supported as the last op only")
+        if outs[0] not in self.final(k):
+            raise self.fail(k, "SOFTMAX is supported as the last op only (or before the last "
+                               "DEQUANTIZE)")
+        self.softmax_out = outs[0]
         self.output = OutputOp(x.slot, torch.tensor(x.scale, dtype=torch.float64), x.zero_point)
 
     def dequantize(self, k, op, ins, outs):
+        if ins[0] == self.softmax_out:  # float probabilities: the program keeps the logits
+            return
         x = self.value(k, ins[0])
         if outs[0] != int(self.f.graph.Outputs(0)):
             raise self.fail(k, "DEQUANTIZE is supported as the last op only")
         self.output = OutputOp(x.slot, torch.tensor(x.scale, dtype=torch.float64), x.zero_point)
+
+    def final(self, k: int) -> set[int]:
+        """The model's output tensor, and the input of a DEQUANTIZE that is the last op."""
+        g, out = self.f.graph, int(self.f.graph.Outputs(0))
+        last = g.Operators(g.OperatorsLength() - 1)
+        ok = {out}
+        if self.f.op_name(last) == "DEQUANTIZE" and int(last.Outputs(0)) == out:
+            ok.add(int(last.Inputs(0)))
+        return ok
 
 
 def _runtime(buf: bytes, kernels: str, spec: InputSpec):
@@ -732,7 +747,7 @@ def read_tflite(path: str | Path, kernels: str = "builtin") -> Imported:
                           f"{e})") from None
     i = int(f.graph.Inputs(0))
     if imp.float_input is not None:
-        first = imp.ops[1]
+        first = next(op for op in imp.ops if isinstance(op, LookupOp) and op.inp == "input")
         scale, zp = imp.codes[first.out].scale, imp.codes[first.out].zero_point
         spec = InputSpec("NHWC", shape[1:], "float32", scale, zp, first.table.numpy())
     else:
