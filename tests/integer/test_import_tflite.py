@@ -173,6 +173,8 @@ def test_output_codes_and_predictions_identical(runs, name, kernels):
     theirs = run.theirs[int(slot[1:])].reshape(len(run.pixels), -1)
     assert np.array_equal(ours, theirs)  # 100% identical output codes
     logits = run.ours["logits"].numpy()
+    fast = execute(run.imported.program, torch.from_numpy(run.pixels))["logits"].numpy()
+    assert np.array_equal(fast, logits)  # the executor's logits-only path (pools moved first)
     file_out = run.imported.runtime(run.pixels / 255.0)
     # the file's own prediction; a SOFTMAX output may tie where its input does not
     top = file_out.max(1, keepdims=True)
