@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from qrobust.errors import ConfigError
+from qrobust.integer.base import pixel_codes as pixel_grid
 from qrobust.integer.imports.base import Imported, InputSpec
 from qrobust.integer.program import (
     ClampOp,
@@ -699,7 +700,8 @@ class _Importer:
 
 def _runtime(buf: bytes, kernels: str, spec: InputSpec):
     """float images (N, C, H, W) in [0, 1] -> the file's outputs (N, classes), dequantized, by
-    LiteRT; pixels are snapped to the 1/255 grid, as qrobust's integer models see them."""
+    LiteRT; pixels are snapped to the 1/255 grid (round(255 x), half up, clipped) as qrobust's
+    integer models see them."""
     _, interpreter, _ = _need_packages()
     interp = interpreter.Interpreter(model_content=buf,
                                      experimental_op_resolver_type=_resolver(kernels))
@@ -708,9 +710,7 @@ def _runtime(buf: bytes, kernels: str, spec: InputSpec):
     o_scale, o_zp = out["quantization"]
 
     def run(x: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(x).detach().cpu().numpy() if not isinstance(x, np.ndarray) else x
-        p = np.clip(np.rint(np.asarray(x, dtype=np.float64) * 255), 0, 255).astype(np.int64)
-        p = p.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+        p = pixel_grid(torch.as_tensor(np.asarray(x))).numpy().transpose(0, 2, 3, 1)  # NHWC
         feed = (spec.pixel_codes[p].astype(np.int8) if spec.dtype == "int8"
                 else _image_values()[p])
         outs = []
