@@ -20,7 +20,8 @@ How each op becomes exact integer ops (program layout N C H W; the file's is N H
 - AVERAGE_POOL_2D, MEAN (over H, W): the output is a function of the integer window sum of raw
   codes alone, whatever the kernel computes inside (integer division or float32 arithmetic):
   a window / global sum, then a :class:`LookupOp` over every possible sum, filled by running the
-  file's own op in LiteRT on inputs with those sums.
+  file's own op in LiteRT on inputs with those sums (per channel position where the kernel
+  rounds some channels otherwise: the builtin MEAN's SIMD blocks and scalar tail).
 - HARD_SWISH, LOGISTIC, QUANTIZE (float input -> int8, int8 -> int8): tables over every input
   value, filled the same way; the float input's table is indexed by the pixel code p, for the
   image p / 255 in float32.
@@ -76,9 +77,9 @@ INT8, INT32_RANGE = (-128, 127), (-(2**31), 2**31 - 1)
 ADD_LEFT_SHIFT = 20  # TFLite's ADD of int8 scales both inputs by 2^20 first
 # How each kernel set rounds the requantization of convolutions and matrix products, measured
 # against LiteRT 2.3 (tests/integer/test_import_tflite.py): the builtin CONV_2D and FULLY_CONNECTED
-# multiply in ruy, whose sqrdmulh and rounding shift round half up ("ruy"); the reference
-# FULLY_CONNECTED rounds once, half up ("fixed"); TFLite's own kernels elsewhere round twice, half
-# away from zero (common.h's MultiplyByQuantizedMultiplier, "tflite")
+# multiply in ruy, whose high product and rounding shift both round ties up ("ruy"); the
+# reference FULLY_CONNECTED rounds once, ties up ("fixed"); TFLite's own kernels elsewhere round
+# twice, the shift's ties away from zero (common.h's MultiplyByQuantizedMultiplier, "tflite")
 ROUNDING = {"builtin": {"CONV_2D": "ruy", "FULLY_CONNECTED": "ruy"},
             "reference": {"FULLY_CONNECTED": "fixed"}}
 
