@@ -30,7 +30,7 @@ from qrobust.integer.reference import execute  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixtures"
 FILES = ("mlp_digits_int8.tflite", "cnn_digits_int8.tflite", "cnn_float_io.tflite",
          "gap_int8.tflite", "strided_same_int8.tflite", "se_block_int8.tflite",
-         "softmax_float_io.tflite")
+         "softmax_float_io.tflite", "uint8_io.tflite")
 KERNELS = ("builtin", "reference")
 N_RANDOM = 300
 
@@ -48,6 +48,7 @@ FAMILIES = {
     "SOFTMAX": ("cnn_digits_int8.tflite", "SOFTMAX"),
     "SOFTMAX then DEQUANTIZE": ("softmax_float_io.tflite", "SOFTMAX"),
     "QUANTIZE": ("cnn_float_io.tflite", "QUANTIZE"),
+    "QUANTIZE uint8 <-> int8": ("uint8_io.tflite", "QUANTIZE"),
     "HARD_SWISH": ("cnn_float_io.tflite", "HARD_SWISH"),
     "LOGISTIC": ("cnn_float_io.tflite", "LOGISTIC"),
     "MUL": ("cnn_float_io.tflite", "MUL"),
@@ -94,15 +95,15 @@ class Run:
 
 
 def _litert_tensors(path: Path, kernels: str, imported, pixels: np.ndarray) -> dict[int, np.ndarray]:
-    """Every int8 tensor of the file, per image (N, ...), as LiteRT computes it."""
+    """Every int8 / uint8 tensor of the file, per image (N, ...), as LiteRT computes it."""
     it = Interpreter(model_path=str(path), experimental_op_resolver_type=_resolver(kernels),
                      experimental_preserve_all_tensors=True)
     it.allocate_tensors()
     spec = imported.input_spec
     nhwc = pixels.transpose(0, 2, 3, 1)
-    feed = (spec.pixel_codes[nhwc].astype(np.int8) if spec.dtype == "int8"
-            else (np.arange(256, dtype=np.float32) / np.float32(255))[nhwc])
-    details = [d for d in it.get_tensor_details() if d["dtype"] == np.int8]
+    feed = ((np.arange(256, dtype=np.float32) / np.float32(255))[nhwc] if spec.dtype == "float32"
+            else spec.pixel_codes[nhwc].astype(spec.dtype))
+    details = [d for d in it.get_tensor_details() if d["dtype"] in (np.int8, np.uint8)]
     out: dict[int, list] = {d["index"]: [] for d in details}
     for image in feed:
         it.set_tensor(it.get_input_details()[0]["index"], image[None])
@@ -119,8 +120,8 @@ def _flat_order(h: int, w: int, c: int) -> np.ndarray:
 
 def _random_pixels(name: str, n: int = N_RANDOM) -> np.ndarray:
     shape = {"cnn_float_io.tflite": (3, 12, 12), "gap_int8.tflite": (2, 6, 6),
-             "se_block_int8.tflite": (3, 7, 7), "softmax_float_io.tflite": (1, 5, 5)}.get(name,
-                                                                                       (1, 8, 8))
+             "se_block_int8.tflite": (3, 7, 7), "softmax_float_io.tflite": (1, 5, 5),
+             "uint8_io.tflite": (1, 6, 6)}.get(name, (1, 8, 8))
     return np.random.default_rng(0).integers(0, 256, size=(n, *shape))
 
 

@@ -17,8 +17,8 @@ class InputSpec:
     the file's input tensor.
 
     ``layout``: the file's input layout ("NHWC" for TFLite); ``shape``: the file's input shape
-    without the batch; ``dtype``: its element type ("int8", or "float32" for a file that
-    quantizes inside); ``scale`` and ``zero_point``: the quantization of the input codes;
+    without the batch; ``dtype``: its element type ("int8", "uint8", or "float32" for a file
+    that quantizes inside); ``scale`` and ``zero_point``: the quantization of the input codes;
     ``pixel_codes``: (256,) int64, the input code of each pixel code, exact (the program's first
     lookup)."""
 

@@ -22,7 +22,7 @@ How each op becomes exact integer ops (program layout N C H W; the file's is N H
   a window / global sum, then a :class:`LookupOp` over every possible sum, filled by running the
   file's own op in LiteRT on inputs with those sums (per channel position where the kernel
   rounds some channels otherwise: the builtin MEAN's SIMD blocks and scalar tail).
-- HARD_SWISH, LOGISTIC, QUANTIZE (float input -> int8, int8 -> int8): tables over every input
+- HARD_SWISH, LOGISTIC, QUANTIZE (float input -> int8, int8 <-> uint8 / int8): tables over every input
   value, filled the same way; the float input's table is indexed by the pixel code p, for the
   image p / 255 in float32.
 - MAX_POOL_2D, CONCATENATION (same scale), RESHAPE (to (1, F): columns permuted from the file's
@@ -74,6 +74,7 @@ SUPPORTED = ("ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CO
 SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")  # int32 shape arithmetic in front of RESHAPE
 KERNELS = ("builtin", "reference")
 INT8, INT32_RANGE = (-128, 127), (-(2**31), 2**31 - 1)
+CODE_RANGE = {"int8": INT8, "uint8": (0, 255)}  # uint8: older files' input / output, QUANTIZEd
 ADD_LEFT_SHIFT = 20  # TFLite's ADD of int8 scales both inputs by 2^20 first
 # How each kernel set rounds the requantization of convolutions and matrix products, measured
 # against LiteRT 2.3 (tests/integer/test_import_tflite.py): the builtin CONV_2D and FULLY_CONNECTED
@@ -127,12 +128,12 @@ def activation_range(act: int, scale: float, zero_point: int) -> tuple[int, int]
     return ranges[act]
 
 
-def pixel_codes(scale: float, zero_point: int) -> np.ndarray:
-    """(256,) int64: the int8 input code of each pixel code p, quantizing the float32 image
-    value p / 255 as TFLite's QUANTIZE does: round(x / scale) + zero_point, clamped."""
+def pixel_codes(scale: float, zero_point: int, dtype: str = "int8") -> np.ndarray:
+    """(256,) int64: the int8 (or uint8) input code of each pixel code p, quantizing the float32
+    image value p / 255 as TFLite's QUANTIZE does: round(x / scale) + zero_point, clamped."""
     x = np.arange(256, dtype=np.float32) / np.float32(255)
     q = round_half_away((x / np.float32(scale)).astype(np.float64)) + zero_point
-    return np.clip(q, *INT8).astype(np.int64)
+    return np.clip(q, *CODE_RANGE[dtype]).astype(np.int64)
 
 
 def _image_values() -> np.ndarray:
@@ -337,9 +338,9 @@ class _Importer:
                                "activation of the program (float or int16 parts are not supported)")
         return self.env[i]
 
-    def out_quant(self, i: int) -> tuple[float, int]:
+    def out_quant(self, i: int, types: tuple[str, ...] = ("INT8",)) -> tuple[float, int]:
         scales, zps = self.f.quant(i)
-        if self.f.type(i) != "INT8" or len(scales) != 1:
+        if self.f.type(i) not in types or len(scales) != 1:
             raise ConfigError(f"{self.f.name}: tensor {i} is {self.f.type(i)} with {len(scales)} "
                               "scales; the importer needs per-tensor int8 activations")
         return float(scales[0]), int(zps[0])
@@ -361,13 +362,15 @@ class _Importer:
         self.codes["input"] = Codes("input", 1.0 / 255.0, 0, 0, 255)
         if self.f.type(i) == "FLOAT32":
             self.float_input = i
-        elif self.f.type(i) == "INT8":
-            scale, zp = self.out_quant(i)
-            table = torch.from_numpy(pixel_codes(scale, zp))
-            self.emit(LookupOp(f"t{i}", "input", 0, table), i, scale, zp, shape)
+        elif self.f.type(i) in ("INT8", "UINT8"):
+            scale, zp = self.out_quant(i, ("INT8", "UINT8"))
+            dtype = self.f.type(i).lower()
+            table = torch.from_numpy(pixel_codes(scale, zp, dtype))
+            self.emit(LookupOp(f"t{i}", "input", 0, table), i, scale, zp, shape,
+                      *CODE_RANGE[dtype])
         else:
             raise ConfigError(f"{self.f.name}: input type {self.f.type(i)}; supported: INT8, "
-                              "FLOAT32 followed by QUANTIZE")
+                              "UINT8, FLOAT32 followed by QUANTIZE")
         return shape
 
     # -- ops
@@ -557,17 +560,18 @@ class _Importer:
 
     def table(self, k: int, x: _Value, outs: list[int], table: np.ndarray, qmin: int,
               slot: str | None = None) -> None:
-        s_out, z_out = self.out_quant(outs[0])
+        s_out, z_out = self.out_quant(outs[0], ("INT8", "UINT8"))
         t = torch.from_numpy(table.astype(np.int64).reshape(-1))
         self.emit(LookupOp(slot or f"t{outs[0]}", x.slot, qmin, t), outs[0], s_out, z_out,
                   self.f.shape(outs[0]) if len(x.shape) == 4 else x.shape,
                   int(t.min()), int(t.max()), x.order)
 
     def elementwise(self, k, op, ins, outs):
-        """An int8 -> int8 function of each code: its table over all 256 codes, by LiteRT."""
+        """A function of each int8 (or uint8) code: its table over all 256 codes, by LiteRT."""
         x = self.value(k, ins[0])
-        codes = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
-        self.table(k, x, outs, self.one_op.run(k, codes, (1, 256)), -128)
+        lo = 0 if self.f.type(ins[0]) == "UINT8" else -128
+        codes = (np.arange(256) + lo).astype(np.uint8 if lo == 0 else np.int8).reshape(1, 256)
+        self.table(k, x, outs, self.one_op.run(k, codes, (1, 256)), lo)
 
     def hard_swish(self, k, op, ins, outs):
         self.elementwise(k, op, ins, outs)
@@ -712,14 +716,14 @@ def _runtime(buf: bytes, kernels: str, spec: InputSpec):
 
     def run(x: np.ndarray) -> np.ndarray:
         p = pixel_grid(torch.as_tensor(np.asarray(x))).numpy().transpose(0, 2, 3, 1)  # NHWC
-        feed = (spec.pixel_codes[p].astype(np.int8) if spec.dtype == "int8"
-                else _image_values()[p])
+        feed = (_image_values()[p] if spec.dtype == "float32"
+                else spec.pixel_codes[p].astype(spec.dtype))
         outs = []
         for image in feed:
             interp.set_tensor(inp["index"], image[None])
             interp.invoke()
             y = interp.get_tensor(out["index"])[0]
-            outs.append((y.astype(np.float64) - o_zp) * o_scale if out["dtype"] == np.int8
+            outs.append((y.astype(np.float64) - o_zp) * o_scale if out["dtype"] != np.float32
                         else y.astype(np.float64))
         return np.stack(outs) if outs else np.zeros((0, int(np.prod(out["shape"][1:]))))
 
@@ -752,8 +756,9 @@ def read_tflite(path: str | Path, kernels: str = "builtin") -> Imported:
         scale, zp = imp.codes[first.out].scale, imp.codes[first.out].zero_point
         spec = InputSpec("NHWC", shape[1:], "float32", scale, zp, first.table.numpy())
     else:
-        scale, zp = imp.out_quant(i)
-        spec = InputSpec("NHWC", shape[1:], "int8", scale, zp, pixel_codes(scale, zp))
+        dtype = f.type(i).lower()
+        scale, zp = imp.out_quant(i, ("INT8", "UINT8"))
+        spec = InputSpec("NHWC", shape[1:], dtype, scale, zp, pixel_codes(scale, zp, dtype))
     program = Program(tuple(imp.ops), (shape[3], shape[1], shape[2]), imp.codes)
     return Imported(program, spec, str(path), hashlib.sha256(buf).hexdigest(), "tflite",
                     _runtime(buf, kernels, spec))
