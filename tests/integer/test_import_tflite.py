@@ -276,6 +276,24 @@ def test_truncated_file_one_line_error(tmp_path, cut):
     assert "\n" not in str(e.value) and "cut.tflite" in str(e.value)
 
 
+def test_damaged_files_import_or_fail_in_one_line(tmp_path):
+    # cut anywhere, or one byte changed: either a valid file (a weight changed) or a ConfigError
+    data = (FIXTURES / "cnn_float_io.tflite").read_bytes()
+    rng = np.random.default_rng(0)
+    cases = [data[:int(len(data) * c)] for c in (0.05, 0.3, 0.6, 0.8, 0.95, 0.99)]
+    for i in rng.integers(8, len(data), size=12):
+        damaged = bytearray(data)
+        damaged[i] ^= 0xFF
+        cases.append(bytes(damaged))
+    for n, case in enumerate(cases):
+        bad = tmp_path / f"damaged{n}.tflite"
+        bad.write_bytes(case)
+        try:
+            read_tflite(bad)
+        except ConfigError as e:
+            assert "\n" not in str(e) and bad.name in str(e)
+
+
 def test_not_a_tflite_file(tmp_path):
     bad = tmp_path / "model.tflite"
     bad.write_bytes(b"\x00" * 64)

@@ -221,8 +221,9 @@ def _parse(buf: bytes, name: str) -> _File:
     except ConfigError:
         raise
     except Exception as e:  # flatbuffers reads past the end of a truncated file
+        what = " ".join(str(e).split())
         raise ConfigError(f"{name}: malformed or truncated TFLite file ({type(e).__name__}: "
-                          f"{e}); re-export it with TensorFlow's converter") from None
+                          f"{what}); re-export it with TensorFlow's converter") from None
 
 
 # ---- one-op sub-models: an op's exact outputs over all its inputs, by LiteRT ------------------
@@ -741,15 +742,20 @@ def read_tflite(path: str | Path, kernels: str = "builtin") -> Imported:
     except OSError as e:
         raise ConfigError(f"cannot read TFLite file {path}: {e.strerror}") from None
     f = _parse(buf, str(path))
-    imp = _Importer(f, kernels)
     try:
-        shape = imp.input()
-        imp.lower()
+        return _import(f, path, kernels)
     except ConfigError:
         raise
-    except (IndexError, ValueError, TypeError, KeyError, AttributeError) as e:
+    except Exception as e:  # reads past the end or of nonsense values (LiteRT's own check too)
+        what = " ".join(str(e).split())
         raise ConfigError(f"{path}: malformed or truncated TFLite file ({type(e).__name__}: "
-                          f"{e})") from None
+                          f"{what})") from None
+
+
+def _import(f: _File, path: Path, kernels: str) -> Imported:
+    imp = _Importer(f, kernels)
+    shape = imp.input()
+    imp.lower()
     i = int(f.graph.Inputs(0))
     if imp.float_input is not None:
         first = next(op for op in imp.ops if isinstance(op, LookupOp) and op.inp == "input")
@@ -760,5 +766,5 @@ def read_tflite(path: str | Path, kernels: str = "builtin") -> Imported:
         scale, zp = imp.out_quant(i, ("INT8", "UINT8"))
         spec = InputSpec("NHWC", shape[1:], dtype, scale, zp, pixel_codes(scale, zp, dtype))
     program = Program(tuple(imp.ops), (shape[3], shape[1], shape[2]), imp.codes)
-    return Imported(program, spec, str(path), hashlib.sha256(buf).hexdigest(), "tflite",
-                    _runtime(buf, kernels, spec))
+    runtime = _runtime(f.buf, kernels, spec)  # LiteRT loads the whole file: its check too
+    return Imported(program, spec, str(path), hashlib.sha256(f.buf).hexdigest(), "tflite", runtime)
