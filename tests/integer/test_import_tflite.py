@@ -30,7 +30,7 @@ from qrobust.integer.reference import execute  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixtures"
 FILES = ("mlp_digits_int8.tflite", "cnn_digits_int8.tflite", "cnn_float_io.tflite",
          "gap_int8.tflite", "strided_same_int8.tflite", "se_block_int8.tflite",
-         "softmax_float_io.tflite", "uint8_io.tflite")
+         "softmax_float_io.tflite", "uint8_io.tflite", "zero_pad_int8.tflite")
 KERNELS = ("builtin", "reference")
 N_RANDOM = 300
 
@@ -41,6 +41,8 @@ FAMILIES = {
     "CONV_2D": ("cnn_digits_int8.tflite", "CONV_2D"),
     "CONV_2D stride 2, SAME padded one more at the bottom": ("strided_same_int8.tflite", "CONV_2D"),
     "DEPTHWISE_CONV_2D": ("cnn_digits_int8.tflite", "DEPTHWISE_CONV_2D"),
+    "ZeroPadding2D + CONV_2D (MobileNetV2 stem)": ("zero_pad_int8.tflite", "CONV_2D"),
+    "ZeroPadding2D + DEPTHWISE_CONV_2D, RELU6": ("zero_pad_int8.tflite", "DEPTHWISE_CONV_2D"),
     "ADD": ("cnn_digits_int8.tflite", "ADD"),
     "MAX_POOL_2D": ("cnn_digits_int8.tflite", "MAX_POOL_2D"),
     "AVERAGE_POOL_2D": ("cnn_digits_int8.tflite", "AVERAGE_POOL_2D"),
@@ -121,7 +123,7 @@ def _flat_order(h: int, w: int, c: int) -> np.ndarray:
 def _random_pixels(name: str, n: int = N_RANDOM) -> np.ndarray:
     shape = {"cnn_float_io.tflite": (3, 12, 12), "gap_int8.tflite": (2, 6, 6),
              "se_block_int8.tflite": (3, 7, 7), "softmax_float_io.tflite": (1, 5, 5),
-             "uint8_io.tflite": (1, 6, 6)}.get(name, (1, 8, 8))
+             "uint8_io.tflite": (1, 6, 6), "zero_pad_int8.tflite": (2, 8, 8)}.get(name, (1, 8, 8))
     return np.random.default_rng(0).integers(0, 256, size=(n, *shape))
 
 
