@@ -30,7 +30,7 @@ from qrobust.integer.reference import execute  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixtures"
 FILES = ("mlp_digits_int8.tflite", "cnn_digits_int8.tflite", "cnn_float_io.tflite",
          "gap_int8.tflite", "strided_same_int8.tflite", "se_block_int8.tflite",
-         "softmax_float_io.tflite", "uint8_io.tflite", "zero_pad_int8.tflite")
+         "softmax_float_io.tflite", "uint8_io.tflite", "zero_pad_int8.tflite", "unary_int8.tflite")
 KERNELS = ("builtin", "reference")
 N_RANDOM = 300
 
@@ -53,6 +53,10 @@ FAMILIES = {
     "QUANTIZE uint8 <-> int8": ("uint8_io.tflite", "QUANTIZE"),
     "HARD_SWISH": ("cnn_float_io.tflite", "HARD_SWISH"),
     "LOGISTIC": ("cnn_float_io.tflite", "LOGISTIC"),
+    "TANH": ("unary_int8.tflite", "TANH"),
+    "LEAKY_RELU": ("unary_int8.tflite", "LEAKY_RELU"),
+    "RELU (unfused, after CONCATENATION)": ("unary_int8.tflite", "RELU"),
+    "QUANTIZE int8 -> int8 (to the CONCATENATION's scale)": ("unary_int8.tflite", "QUANTIZE"),
     "MUL": ("cnn_float_io.tflite", "MUL"),
     "MUL (1, 1, 1, C) x (1, H, W, C)": ("se_block_int8.tflite", "MUL"),
     "MEAN keep dims": ("cnn_float_io.tflite", "MEAN"),
@@ -123,7 +127,8 @@ def _flat_order(h: int, w: int, c: int) -> np.ndarray:
 def _random_pixels(name: str, n: int = N_RANDOM) -> np.ndarray:
     shape = {"cnn_float_io.tflite": (3, 12, 12), "gap_int8.tflite": (2, 6, 6),
              "se_block_int8.tflite": (3, 7, 7), "softmax_float_io.tflite": (1, 5, 5),
-             "uint8_io.tflite": (1, 6, 6), "zero_pad_int8.tflite": (2, 8, 8)}.get(name, (1, 8, 8))
+             "uint8_io.tflite": (1, 6, 6), "zero_pad_int8.tflite": (2, 8, 8),
+             "unary_int8.tflite": (2, 6, 6)}.get(name, (1, 8, 8))
     return np.random.default_rng(0).integers(0, 256, size=(n, *shape))
 
 
@@ -261,10 +266,10 @@ def test_pixel_codes_match_litert_quantize():
 # ---- bad input -----------------------------------------------------------------------------
 def test_unsupported_op_names_op_index_and_list():
     with pytest.raises(ConfigError) as e:
-        read_tflite(FIXTURES / "unsupported_tanh.tflite")
+        read_tflite(FIXTURES / "unsupported_resize.tflite")  # Keras' UpSampling2D
     msg = str(e.value)
     assert "\n" not in msg
-    assert "unsupported TFLite op TANH (operator 5)" in msg
+    assert "unsupported TFLite op EXPAND_DIMS (operator 1)" in msg
     assert "supported: ADD, AVERAGE_POOL_2D" in msg and "SOFTMAX" in msg
 
 

@@ -22,9 +22,9 @@ How each op becomes exact integer ops (program layout N C H W; the file's is N H
   a window / global sum, then a :class:`LookupOp` over every possible sum, filled by running the
   file's own op in LiteRT on inputs with those sums (per channel position where the kernel
   rounds some channels otherwise: the builtin MEAN's SIMD blocks and scalar tail).
-- HARD_SWISH, LOGISTIC, QUANTIZE (float input -> int8, int8 <-> uint8 / int8): tables over every input
-  value, filled the same way; the float input's table is indexed by the pixel code p, for the
-  image p / 255 in float32.
+- HARD_SWISH, LOGISTIC, TANH, LEAKY_RELU, RELU, RELU6, RELU_N1_TO_1, QUANTIZE (float input ->
+  int8, int8 <-> uint8 / int8): tables over every input value, filled the same way; the float
+  input's table is indexed by the pixel code p, for the image p / 255 in float32.
 - MAX_POOL_2D, CONCATENATION (same scale), RESHAPE (to (1, F): columns permuted from the file's
   H W C order into the program's C H W order inside the next FULLY_CONNECTED), SOFTMAX (last op:
   the program outputs its input codes, whose argmax is the prediction), DEQUANTIZE (last op).
@@ -68,10 +68,12 @@ from qrobust.integer.program import (
     WindowSumPoolOp,
 )
 
-SUPPORTED = ("ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D",
-             "DEQUANTIZE", "FULLY_CONNECTED", "HARD_SWISH", "LOGISTIC", "MAX_POOL_2D", "MEAN",
-             "MUL", "QUANTIZE", "RESHAPE", "SOFTMAX")
-SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")  # int32 shape arithmetic in front of RESHAPE
+UNARY = ("HARD_SWISH", "LEAKY_RELU", "LOGISTIC", "RELU", "RELU6", "RELU_N1_TO_1", "TANH")
+SUPPORTED = tuple(sorted(("ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D",
+                          "DEPTHWISE_CONV_2D", "DEQUANTIZE", "FULLY_CONNECTED", "MAX_POOL_2D",
+                          "MEAN", "MUL", "QUANTIZE", "RESHAPE", "SOFTMAX", *UNARY)))
+# int32 shape arithmetic in front of RESHAPE (Keras' Flatten)
+SHAPE_OPS = ("CONCATENATION", "PACK", "SHAPE", "STRIDED_SLICE")
 KERNELS = ("builtin", "reference")
 INT8, INT32_RANGE = (-128, 127), (-(2**31), 2**31 - 1)
 CODE_RANGE = {"int8": INT8, "uint8": (0, 255)}  # uint8: older files' input / output, QUANTIZEd
@@ -391,7 +393,8 @@ class _Importer:
                                                 and ins[0] == self.softmax_out):
                 raise self.fail(k, f"{name} after the model's output op (SOFTMAX / DEQUANTIZE "
                                    "must come last)")
-            getattr(self, name.lower())(k, op, ins, outs)
+            lower = self.elementwise if name in UNARY else getattr(self, name.lower())
+            lower(k, op, ins, outs)
         out = int(g.Outputs(0))
         if self.output is None:
             v = self.value(g.OperatorsLength(), out)
@@ -574,11 +577,6 @@ class _Importer:
         codes = (np.arange(256) + lo).astype(np.uint8 if lo == 0 else np.int8).reshape(1, 256)
         self.table(k, x, outs, self.one_op.run(k, codes, (1, 256)), lo)
 
-    def hard_swish(self, k, op, ins, outs):
-        self.elementwise(k, op, ins, outs)
-
-    def logistic(self, k, op, ins, outs):
-        self.elementwise(k, op, ins, outs)
 
     def quantize(self, k, op, ins, outs):
         if ins[0] == self.float_input:  # the image p / 255 in float32 -> codes, by LiteRT
