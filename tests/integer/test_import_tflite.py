@@ -68,9 +68,12 @@ FAMILIES = {
 class Run:
     """One fixture imported and run on the same pixel codes by the program and by LiteRT."""
 
-    def __init__(self, name: str, kernels: str, pixels: np.ndarray) -> None:
+    def __init__(self, name: str, kernels: str, pixels: np.ndarray | None = None) -> None:
         self.path = FIXTURES / name
         self.imported = read_tflite(self.path, kernels)
+        if pixels is None:  # random pixel codes of the file's input shape
+            shape = (N_RANDOM, *self.imported.program.input_shape)
+            pixels = np.random.default_rng(0).integers(0, 256, size=shape)
         self.pixels = pixels
         self.ours = execute(self.imported.program, torch.from_numpy(pixels), keep=True)
         self.theirs = _litert_tensors(self.path, kernels, self.imported, pixels)
@@ -124,21 +127,13 @@ def _flat_order(h: int, w: int, c: int) -> np.ndarray:
     return np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
 
 
-def _random_pixels(name: str, n: int = N_RANDOM) -> np.ndarray:
-    shape = {"cnn_float_io.tflite": (3, 12, 12), "gap_int8.tflite": (2, 6, 6),
-             "se_block_int8.tflite": (3, 7, 7), "softmax_float_io.tflite": (1, 5, 5),
-             "uint8_io.tflite": (1, 6, 6), "zero_pad_int8.tflite": (2, 8, 8),
-             "unary_int8.tflite": (2, 6, 6)}.get(name, (1, 8, 8))
-    return np.random.default_rng(0).integers(0, 256, size=(n, *shape))
-
-
 @pytest.fixture(scope="module")
 def runs():
     cache: dict = {}
 
     def get(name: str, kernels: str = "builtin") -> Run:
         if (name, kernels) not in cache:
-            cache[name, kernels] = Run(name, kernels, _random_pixels(name))
+            cache[name, kernels] = Run(name, kernels)
         return cache[name, kernels]
 
     return get
