@@ -1,4 +1,4 @@
-"""Exactness: the requantization roundings of imported files ("tflite", "ruy", "away") against
+"""Exactness: the requantization roundings of imported files ("tflite", "ruy") against
 plain-Python transcriptions of the integer formulas (gemmlowp / TFLite common.h, ruy), ties
 included."""
 
@@ -41,10 +41,6 @@ def ruy(x: int, m: int, exponent: int) -> int:
     return (h + ((1 << right) >> 1)) >> right
 
 
-def away(x: int, m: int, s: int) -> int:
-    return (1 if x >= 0 else -1) * ((abs(x) * m + (1 << (s - 1))) >> s)
-
-
 def run(rounding: str, xs: list[int], m: int, shift: int, left_shift: int = 0) -> list[int]:
     op = RequantOp("y", (Term("x", 0, torch.tensor([m]), torch.tensor([0.0])),),
                    torch.tensor([shift]), 0, *WIDE, rounding=rounding, left_shift=left_shift)
@@ -68,7 +64,6 @@ def test_ties_each_way():
     assert run("tflite", xs, 2**30, 32) == [tflite(x, 2**30, -1) for x in xs] == [-2, -1, -1, 1, 2, 2]
     assert run("ruy", xs, 2**30, 32) == [ruy(x, 2**30, -1) for x in xs] == [-1, -1, 0, 1, 2, 2]
     assert run("fixed", xs, 2**30, 32) == [-1, -1, 0, 1, 1, 2]  # one rounding, half up
-    assert run("away", xs, 2**30, 32) == [away(x, 2**30, 32) for x in xs] == [-2, -1, -1, 1, 1, 2]
 
 
 def test_add_left_shift():

@@ -170,7 +170,7 @@ class Term:
     real_multiplier: torch.Tensor  # (C,) float64, for backends with float requantization
 
 
-ROUNDINGS = ("fixed", "tflite", "ruy", "away")
+ROUNDINGS = ("fixed", "tflite", "ruy")
 
 
 @dataclass(frozen=True)
@@ -186,9 +186,7 @@ class RequantOp:
       RoundingDivideByPOT by ``S - 31`` (ties away from zero); every term carries one multiplier;
     - ``"ruy"``: the same two steps as ruy's int8 kernels round them (TFLite's builtin CONV_2D and
       FULLY_CONNECTED): ``h = (x' m + 2^30) >> 31``, then ``(h + 2^(S-32)) >> (S - 31)``, both
-      ties up;
-    - ``"away"``: ``r = sign(x) ((|x| m + 2^(S-1)) >> S)`` with ``x = v - z`` of one term: round
-      half away from zero (TFLite's average pooling divides so).
+      ties up.
     """
 
     out: str
@@ -199,7 +197,7 @@ class RequantOp:
     hi: int
     sign: bool = False
     rounding: str = "fixed"
-    left_shift: int = 0  # "tflite" only: ADD scales its inputs by 2^20 before the multiplier
+    left_shift: int = 0  # "tflite" / "ruy": ADD scales its inputs by 2^20 before the multiplier
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:

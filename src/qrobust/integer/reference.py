@@ -139,7 +139,7 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
     of 0), that element is recomputed in int64: the result is the exact fixed-point one.
     ``values``: same-shape tensors holding integers; ``bounds``: a known bound on each one's
     ``max |v_t|`` (None: measured). Returns float32 codes (float64 for a range beyond 2^24).
-    The roundings of imported files ("tflite", "away") are computed in int64 throughout."""
+    The roundings of imported files ("tflite", "ruy") are computed in int64 throughout."""
     if op.rounding != "fixed":
         out = _requantize_integer(values, op)
         small = max(abs(op.lo), abs(op.hi)) <= EXACT_INTEGERS[torch.float32]
@@ -236,27 +236,24 @@ def _rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor) -> torch.Te
 
 
 def _requantize_integer(values: list[torch.Tensor], op: RequantOp) -> torch.Tensor:
-    """The "tflite" and "away" roundings of :class:`RequantOp`, exactly, in int64."""
+    """The "tflite" and "ruy" roundings of :class:`RequantOp`, exactly, in int64: the sum of the
+    centred terms (one multiplier m for all), shifted left by ``left_shift`` and by TFLite's
+    exponent ``31 - S`` where positive, its high product with m, then a rounding right shift by
+    ``S - 31`` where positive."""
+    if any(not torch.equal(t.multiplier, op.terms[0].multiplier) for t in op.terms):
+        raise ConfigError(f"{op.out}: {op.rounding!r} rounding needs one multiplier for all terms")
     ndim = values[0].ndim
     x = sum(v.long() - term.zero_point for v, term in zip(values, op.terms, strict=True))
     m = channel_view(op.terms[0].multiplier, ndim)
     s = channel_view(op.shift, ndim)
-    if op.rounding in ("tflite", "ruy"):
-        if any(not torch.equal(t.multiplier, op.terms[0].multiplier) for t in op.terms):
-            raise ConfigError(f"{op.out}: {op.rounding!r} rounding needs one multiplier for all "
-                              "terms")
-        left = (31 - s).clamp(min=0) + op.left_shift  # TFLite's exponent 31 - S, if positive
-        right = (s - 31).clamp(min=0)
-        x = torch.bitwise_left_shift(x, left)
-        if op.rounding == "tflite":
-            r = _rounding_divide_by_pot(_rounding_doubling_high_mul(x, m), right)
-        else:  # ruy (sqrdmulh, then a rounding shift): both halves round up
-            h = torch.bitwise_right_shift(x * m + (1 << 30), 31)
-            half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(right), right), 1)
-            r = torch.bitwise_right_shift(h + half, right)
-    else:  # "away"
-        half = torch.bitwise_left_shift(torch.ones_like(s), s - 1)
-        r = torch.sign(x) * torch.bitwise_right_shift(x.abs() * m + half, s)
+    x = torch.bitwise_left_shift(x, (31 - s).clamp(min=0) + op.left_shift)
+    right = (s - 31).clamp(min=0)
+    if op.rounding == "tflite":
+        r = _rounding_divide_by_pot(_rounding_doubling_high_mul(x, m), right)
+    else:  # ruy (its sqrdmulh, then a rounding shift): both round ties up
+        h = torch.bitwise_right_shift(x * m + (1 << 30), 31)
+        half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(right), right), 1)
+        r = torch.bitwise_right_shift(h + half, right)
     return (r + op.zero_point).clamp_(op.lo, op.hi)
 
 
