@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,openvino,ray]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,openvino,ray,tflite]'
 	# torchattacks is a benchmark/oracle dependency only; --no-deps: it lists torchvision, which we never import
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	# the reference APGD (Croce & Hein's AutoAttack code on PyPI), for benchmarks/attack_speed.py only

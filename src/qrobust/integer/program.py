@@ -170,8 +170,25 @@ class Term:
     real_multiplier: torch.Tensor  # (C,) float64, for backends with float requantization
 
 
+ROUNDINGS = ("fixed", "tflite", "ruy")
+
+
 @dataclass(frozen=True)
 class RequantOp:
+    """Codes ``clamp(r + zero_point, lo, hi)`` of a sum of terms, where r rounds
+    ``x m 2^-S`` to an integer by ``rounding`` (per channel m, S; see
+    :func:`qrobust.integer.reference.requantize`):
+
+    - ``"fixed"`` (lowered twins): ``r = (sum_t (v_t - z_t) m_t + 2^(S-1)) >> S``, round half up;
+    - ``"tflite"`` (imported TFLite files): TFLite's MultiplyByQuantizedMultiplier, two roundings
+      of ``x = sum_t (v_t - z_t)`` shifted left by ``left_shift`` (and by TFLite's exponent
+      ``31 - S`` where positive): gemmlowp's SaturatingRoundingDoublingHighMul (ties up), then
+      RoundingDivideByPOT by ``S - 31`` (ties away from zero); every term carries one multiplier;
+    - ``"ruy"``: the same two steps as ruy's int8 kernels round them (TFLite's builtin CONV_2D and
+      FULLY_CONNECTED): ``h = (x' m + 2^30) >> 31``, then ``(h + 2^(S-32)) >> (S - 31)``, both
+      ties up.
+    """
+
     out: str
     terms: tuple[Term, ...]
     shift: torch.Tensor  # (C,) int64
@@ -179,6 +196,13 @@ class RequantOp:
     lo: int
     hi: int
     sign: bool = False
+    rounding: str = "fixed"
+    left_shift: int = 0  # "tflite" / "ruy": ADD scales its inputs by 2^20 before the multiplier
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"unknown requantization rounding {self.rounding!r}; valid: "
+                              f"{', '.join(ROUNDINGS)}")
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,12 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
     same end as ``t``. Wherever ``p`` lies within ``2 err`` of a rounding boundary (for the sign:
     of 0), that element is recomputed in int64: the result is the exact fixed-point one.
     ``values``: same-shape tensors holding integers; ``bounds``: a known bound on each one's
-    ``max |v_t|`` (None: measured). Returns float32 codes (float64 for a range beyond 2^24)."""
+    ``max |v_t|`` (None: measured). Returns float32 codes (float64 for a range beyond 2^24).
+    The roundings of imported files ("tflite", "ruy") are computed in int64 throughout."""
+    if op.rounding != "fixed":
+        out = _requantize_integer(values, op)
+        small = max(abs(op.lo), abs(op.hi)) <= EXACT_INTEGERS[torch.float32]
+        return out.float() if small else out.double()
     scales = requant_scales(op) if scales is None else scales
     bounds = [None] * len(values) if bounds is None else bounds
     extent, magnitude = 1.0, 0.0  # E + 1; the largest |v_t| + |z_t|
@@ -211,6 +216,45 @@ def _requantize_exact(values: list[torch.Tensor], op: RequantOp, where: tuple) -
         return torch.where(total >= 0, 1, -1)
     s = op.shift[channel]
     return torch.bitwise_right_shift(total + torch.bitwise_left_shift(torch.ones_like(s), s - 1), s)
+
+
+def _rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """gemmlowp's SaturatingRoundingDoublingHighMul of int32 values held in int64: 2 a b / 2^32
+    rounded to nearest, ties up (its nudge 1 - 2^30 for negative products, then C++'s division
+    toward zero); no saturation case, as b > 0."""
+    ab = a * b
+    nudge = torch.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    return torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")  # C++ division truncates
+
+
+def _rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """gemmlowp's RoundingDivideByPOT: x / 2^exponent rounded half away from zero."""
+    mask = torch.bitwise_left_shift(torch.ones_like(exponent), exponent) - 1
+    remainder = torch.bitwise_and(x, mask)
+    threshold = torch.bitwise_right_shift(mask, 1) + (x < 0).long()
+    return torch.bitwise_right_shift(x, exponent) + (remainder > threshold).long()
+
+
+def _requantize_integer(values: list[torch.Tensor], op: RequantOp) -> torch.Tensor:
+    """The "tflite" and "ruy" roundings of :class:`RequantOp`, exactly, in int64: the sum of the
+    centred terms (one multiplier m for all), shifted left by ``left_shift`` and by TFLite's
+    exponent ``31 - S`` where positive, its high product with m, then a rounding right shift by
+    ``S - 31`` where positive."""
+    if any(not torch.equal(t.multiplier, op.terms[0].multiplier) for t in op.terms):
+        raise ConfigError(f"{op.out}: {op.rounding!r} rounding needs one multiplier for all terms")
+    ndim = values[0].ndim
+    x = sum(v.long() - term.zero_point for v, term in zip(values, op.terms, strict=True))
+    m = channel_view(op.terms[0].multiplier, ndim)
+    s = channel_view(op.shift, ndim)
+    x = torch.bitwise_left_shift(x, (31 - s).clamp(min=0) + op.left_shift)
+    right = (s - 31).clamp(min=0)
+    if op.rounding == "tflite":
+        r = _rounding_divide_by_pot(_rounding_doubling_high_mul(x, m), right)
+    else:  # ruy (its sqrdmulh, then a rounding shift): both round ties up
+        h = torch.bitwise_right_shift(x * m + (1 << 30), 31)
+        half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(right), right), 1)
+        r = torch.bitwise_right_shift(h + half, right)
+    return (r + op.zero_point).clamp_(op.lo, op.hi)
 
 
 class _Executor:

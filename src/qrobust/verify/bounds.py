@@ -147,6 +147,9 @@ def interval_bounds(program: Program, lo: torch.Tensor, hi: torch.Tensor) -> dic
         elif isinstance(op, ClampOp):
             env[op.out] = tuple(v.clamp(op.lo, op.hi) for v in env[op.inp])  # type: ignore[assignment]
         elif isinstance(op, RequantOp):
+            if op.rounding != "fixed":
+                raise ConfigError(f"the verifier supports the 'fixed' requantization rounding "
+                                  f"only; '{op.out}' rounds as {op.rounding!r}")
             env[op.out] = (requantize_exact([env[t.slot][0] for t in op.terms], op),
                            requantize_exact([env[t.slot][1] for t in op.terms], op))
         elif isinstance(op, MaxPoolOp):
@@ -273,7 +276,8 @@ def mlp_chain(program: Program) -> Chain | None:
                 return None
             stages.append(Affine(op.out, w, bias.double()))
             width = op.weight.shape[0]
-        elif isinstance(op, RequantOp) and not op.sign and len(op.terms) == 1:
+        elif (isinstance(op, RequantOp) and not op.sign and len(op.terms) == 1
+              and op.rounding == "fixed"):
             if op.terms[0].multiplier.max() >= 2**52 or op.terms[0].multiplier.min() < 0:
                 return None
             stages.append(step_of_requant(op))

@@ -39,6 +39,14 @@ FORMATS = ("qdq", "qoperator", "qdq-rounded-add")
 WEIGHT_TYPES = "qrobust.weight_types"
 
 
+
+def _fixed_rounding(op: RequantOp) -> None:
+    """ONNX requantizes as qrobust's own programs round; imported files' roundings differ."""
+    if op.rounding != "fixed":
+        raise ConfigError(f"ONNX int8 export supports the 'fixed' requantization rounding only; "
+                          f"'{op.out}' rounds as {op.rounding!r} (an imported file: run it with "
+                          "the reference executor or its own runtime)")
+
 def build_int8_proto(program: Program, fmt: str = "qdq",
                      exact_u8s8: bool = True) -> onnx.ModelProto:
     """The ONNX int8 model of ``program``: input 'pixels' uint8 (N, C, H, W) -> 'logits'.
@@ -71,6 +79,7 @@ def build_int8_proto(program: Program, fmt: str = "qdq",
                 zp = np.repeat(zp, int(np.prod(shapes[op.inp][1:])))
             slots[op.out] = U8Tensor(b.node("Flatten", [x.name], "flatten", axis=1), x.scale, zp)
         elif isinstance(op, RequantOp):
+            _fixed_rounding(op)
             slots[op.out] = add_requant(b, op, slots, accs, shapes, program.codes[op.out].scale,
                                      fmt=fmt)
         elif isinstance(op, OutputOp):
@@ -121,6 +130,7 @@ def float_model_proto(program: Program) -> onnx.ModelProto:
                 names[op.out] = b.node("Gemm", [x_name, b.const(wr, "w"), b.const(br, "b")],
                                        "gemm", transB=1)
         elif isinstance(op, RequantOp):
+            _fixed_rounding(op)
             ins = [names[t.slot] for t in op.terms]
             out = ins[0] if len(ins) == 1 else b.node("Add", ins, "add")
             names[op.out] = b.node("Relu", [out], "relu") if op.lo == op.zero_point else out
