@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cnn-timeout", type=float, default=10.0,
                         help="seconds per CNN query (intervals and input splitting only)")
     parser.add_argument("--models", nargs="*", default=[*TRAINED, "published-mnist"])
+    parser.add_argument("--eps", nargs="*", type=int, default=list(EPS_CODES),
+                        help="radii in pixel codes")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "certified_mnist.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -111,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         train([m for m in args.models if m in TRAINED])
         return 0
     x, y = take(load_dataset("mnist").test, args.n).tensors()
-    report: dict = {"n": args.n, "eps_codes": list(EPS_CODES), "cpu": platform.processor()
-                    or platform.machine(), "threads": 1, "models": {}}
-    start = time.perf_counter()
+    if args.out.exists():  # runs of other models add to the file
+        report = json.loads(args.out.read_text())
+        report["models"] = report.get("models", {})
+    else:
+        report = {"n": args.n, "cpu": platform.processor()
+                  or platform.machine(), "threads": 1, "models": {}}
     for name in args.models:
         if name == "published-mnist":
             program, meta = published_program(), {"source": "Henzinger et al. mnist_mlp.h5"}
@@ -124,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             meta = {"quant": meta["quant"], "test_acc_twin": meta["metrics"]["test_acc"]}
             timeout = args.cnn_timeout if "cnn" in name else args.timeout
         logging.info("%s (timeout %gs)", name, timeout)
+        start = time.perf_counter()
         report["models"][name] = {"timeout_seconds": timeout, **meta,
-                                  **verify_model(program, x, y, EPS_CODES, timeout)}
-        report["seconds"] = round(time.perf_counter() - start, 1)
+                                  **verify_model(program, x, y, args.eps, timeout)}
+        report["models"][name]["seconds"] = round(time.perf_counter() - start, 1)
         report["provenance"] = provenance()
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=1))

@@ -70,7 +70,7 @@ class _Model:
         return len(self.lower) - 1
 
     def copy(self) -> _Model:
-        return _Model(list(self.lower), list(self.upper), list(self.integer), self.binary,
+        return _Model(list(self.lower), list(self.upper), list(self.integer), list(self.binary),
                       list(self.rows), list(self.row_lo), list(self.row_hi))
 
     def row(self, coeffs: dict[int, float], lo: float, hi: float) -> None:
