@@ -99,12 +99,18 @@ class Joined:
 @dataclass(frozen=True)
 class InputOp:
     """Pixel codes p (any integers, 1/255 grid) -> centred input codes u - zero_point, with
-    ``u = clamp(floor((p + offset + step / 2) / step), 0, 255)`` (:func:`input_codes`)."""
+    ``u = clamp(floor((p + offset + step / 2) / step), 0, 255)`` (:func:`input_codes`).
+
+    ``table`` (C, 256) int64, when given, replaces that formula: ``u = table[c, clamp(p, 0,
+    255)]``. Imported files (:mod:`qrobust.integer.imports`) quantize a normalised float input
+    with their own scale, zero point and rounding, which no step / offset expresses; the table
+    holds the codes the file's runtime computes for each pixel code."""
 
     out: str
     zero_point: torch.Tensor  # (C,) int64: round(255 mean_c) when step = 1
     step: int  # pixel codes per input code: a power of two (QuantInput.widen), 1 by default
     offset: torch.Tensor  # (C,) int64, step * zero_point - round(255 mean_c); 0 when step = 1
+    table: torch.Tensor | None = None  # (C, 256) int64: pixel code -> input code u
 
     @property
     def pixel_zero_point(self) -> torch.Tensor:
@@ -116,6 +122,10 @@ def input_codes(op: InputOp, pixels: torch.Tensor) -> torch.Tensor:
     """The program's input codes u in [0, 255] for pixel codes (round half up when step > 1;
     the pixel codes themselves, clipped, when step = 1)."""
     p = pixels.long()
+    if op.table is not None:  # per channel: u = table[c, p]
+        p = torch.clamp(p, 0, 255)
+        channels = torch.arange(p.shape[1]).view(1, -1, *([1] * (p.ndim - 2)))
+        return op.table[channels, p]
     if op.step > 1:
         offset = op.offset.view(1, -1, *([1] * (p.ndim - 2)))
         p = torch.div(p + offset + op.step // 2, op.step, rounding_mode="floor")
@@ -170,8 +180,19 @@ class Term:
     real_multiplier: torch.Tensor  # (C,) float64, for backends with float requantization
 
 
+ROUNDINGS = ("fixed", "float32", "float32_zp")
+
+
 @dataclass(frozen=True)
 class RequantOp:
+    """Sum of terms -> codes. ``rounding`` 'fixed': the fixed-point scheme above (multipliers
+    and shift, round half up). 'float32': ONNX Runtime's float requantization
+    ``clamp(rne(sum_t float32(v_t - z_t) * float32(M_t)) + z_out, lo, hi)`` with the float32
+    multipliers ``real_multiplier`` (products and sum in float32, in term order; round half to
+    even), which imported ONNX files follow (docs/import.md); 'float32_zp': the same with the
+    zero point added before rounding, ``clamp(rne(sum + z_out), lo, hi)`` (ORT's average
+    pools)."""
+
     out: str
     terms: tuple[Term, ...]
     shift: torch.Tensor  # (C,) int64
@@ -179,6 +200,7 @@ class RequantOp:
     lo: int
     hi: int
     sign: bool = False
+    rounding: str = "fixed"
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,8 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
     of 0), that element is recomputed in int64: the result is the exact fixed-point one.
     ``values``: same-shape tensors holding integers; ``bounds``: a known bound on each one's
     ``max |v_t|`` (None: measured). Returns float32 codes (float64 for a range beyond 2^24)."""
+    if op.rounding in ("float32", "float32_zp"):
+        return requantize_float32(values, op)
     scales = requant_scales(op) if scales is None else scales
     bounds = [None] * len(values) if bounds is None else bounds
     extent, magnitude = 1.0, 0.0  # E + 1; the largest |v_t| + |z_t|
@@ -174,6 +176,23 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
         out = out.add_(op.zero_point) if op.zero_point else out
     small = op.sign or max(abs(op.lo), abs(op.hi)) <= EXACT_INTEGERS[torch.float32]
     return out.float() if small else out.double()
+
+
+def requantize_float32(values: list[torch.Tensor], op: RequantOp) -> torch.Tensor:
+    """ONNX Runtime's float requantization (``rounding='float32'``): each term's centred value
+    rounded to float32 (as ``float(acc)``), times its float32 multiplier, summed in float32 in
+    term order; round half to even (torch.round), clamp, add the zero point ('float32_zp': the
+    zero point added before the rounding, as ORT's average pools do). float32 codes."""
+    t = None
+    for v, term in zip(values, op.terms, strict=True):
+        centred = (v.double() - term.zero_point).float()
+        m = channel_view(term.real_multiplier.float(), v.ndim)
+        t = centred * m if t is None else t + centred * m
+    assert t is not None
+    if op.rounding == "float32_zp":  # ORT's pools: rne(t + z) (a tie goes to the even code)
+        return torch.round(t + op.zero_point).clamp_(op.lo, op.hi)
+    out = torch.round(t).clamp_(op.lo - op.zero_point, op.hi - op.zero_point)
+    return out.add_(op.zero_point)
 
 
 def _at_least(d: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
@@ -346,6 +365,7 @@ def _pool_before_requant(ops: tuple) -> tuple:
     for i, op in enumerate(ops):
         after = readers.get(getattr(op, "out", None), [])
         if (isinstance(op, RequantOp) and len(op.terms) == 1 and not op.sign
+                and op.rounding == "fixed"
                 and len(after) == 1 and isinstance(after[0], MaxPoolOp)):
             pool = after[0]
             pooled = f"{pool.out}:accumulator"
@@ -376,7 +396,9 @@ def slot_bounds(program: Program) -> dict[str, int | None]:
 def _bounds(ops: tuple) -> dict[str, int | None]:
     bounds: dict[str, int | None] = {}
     for op in ops:
-        if isinstance(op, InputOp):
+        if isinstance(op, InputOp) and op.table is not None:
+            bounds[op.out] = _abs_max(op.table - op.zero_point.view(-1, 1))
+        elif isinstance(op, InputOp):
             zp = op.zero_point.abs().max()
             bounds[op.out] = int(max(255 - op.zero_point.min(), zp))
         elif isinstance(op, (ConvOp, GroupConvOp, LinearOp)):

@@ -1,0 +1,657 @@
+"""Import an int8 ONNX file (QDQ or QOperator, as written by ONNX Runtime's ``quantize_static``)
+as an integer :class:`Program`.
+
+The program follows what ONNX Runtime *runs*, not only what the file says: the file is first
+given to ONNX Runtime's own graph optimizer (level 'extended', hardware independent), which
+fuses each QDQ group (DequantizeLinear -> Conv -> QuantizeLinear, ...) into the QOperator
+kernel that executes it (QLinearConv, QLinearAdd, ...), and the optimized graph is imported.
+QDQ and QOperator files thus meet one importer, and a group ORT leaves unfused (a float
+HardSwish between DequantizeLinear and QuantizeLinear) is imported as the float island it is.
+
+What each op becomes (ORT's kernels requantize in float: ``rounding='float32'``, see
+:class:`qrobust.integer.program.RequantOp` and docs/import.md):
+
+- QuantizeLinear of the float input -> :class:`InputOp` with a per-channel table (pixel code
+  -> input code) computed by ORT itself from the normalised pixel grid;
+- QLinearConv -> ConvOp / GroupConvOp + RequantOp, multiplier ``float32(s_x s_w) / s_y``;
+- QLinearMatMul, QGemm -> LinearOp + RequantOp (QGemm without output quantizer: float logits);
+- QLinearAdd -> RequantOp of two code terms; QLinearMul -> MulOp + RequantOp;
+- QLinearGlobalAveragePool / QLinearAveragePool -> SumPoolOp / WindowSumPoolOp + RequantOp;
+- QLinearConcat -> a LookupOp per input whose scale differs (ORT's own table) + ConcatOp;
+- QLinearSigmoid, QLinearLeakyRelu, and any chain of float elementwise ops between one
+  DequantizeLinear and a QuantizeLinear (HardSwish, Sigmoid, Relu, Clip, ...) -> LookupOp
+  whose 256 entries ORT computes by running those very nodes on every input code;
+- MaxPool on codes -> MaxPoolOp; Flatten / Reshape to (N, K) -> FlattenOp;
+- DequantizeLinear of the graph output -> OutputOp.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from qrobust.errors import ConfigError
+from qrobust.integer.imports.base import Imported, InputSpec, check_unchanged, sha256
+from qrobust.integer.program import (
+    Codes,
+    ConcatOp,
+    ConvOp,
+    FlattenOp,
+    GroupConvOp,
+    InputOp,
+    LinearOp,
+    LookupOp,
+    MaxPoolOp,
+    MulOp,
+    OutputOp,
+    Program,
+    RequantOp,
+    SumPoolOp,
+    Term,
+    WindowSumPoolOp,
+    fixed_point,
+)
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm",
+                 "QLinearAdd", "QLinearMul", "ConvInteger", "MatMulInteger"}
+# float ops allowed between one DequantizeLinear and a QuantizeLinear: elementwise, so that the
+# island is a function of each code alone (a table)
+ELEMENTWISE = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Mul",
+               "Add", "Sub", "Div", "Neg", "Abs", "Exp", "Min", "Max", "Identity")
+TABLE_OPS = ("QLinearSigmoid", "QLinearLeakyRelu")
+SUPPORTED = ("QuantizeLinear (of the input)", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+             "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+             "QLinearAveragePool", "QLinearConcat", *TABLE_OPS, "MaxPool", "Flatten", "Reshape",
+             "Identity", "Transpose (NHWC input)",
+             f"float {'/'.join(ELEMENTWISE)} between DequantizeLinear and QuantizeLinear")
+CODE_RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+
+
+@dataclass(frozen=True)
+class Float:
+    """A float tensor: the file's input (``source`` None) or an elementwise function of one
+    code tensor, ``nodes`` (DequantizeLinear first) computing it."""
+
+    source: str | None
+    nodes: tuple[onnx.NodeProto, ...] = ()
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
+class FloatOut:
+    """A float output of an integer op (QGemm without output quantizer): accumulator * scale."""
+
+    slot: str
+    scale: torch.Tensor
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    """The ONNX model at ``path`` with its external data; one-line errors for bad files."""
+    if not path.is_file():
+        raise ConfigError(f"{path} not found")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: external data file missing ({err.filename or err}); keep "
+                          "the .data files next to the .onnx file") from None
+    except Exception as err:  # noqa: BLE001 - protobuf raises several types for bad bytes
+        raise ConfigError(f"{path} is not a readable ONNX file ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'truncated?'})") from None
+    if not model.graph.node:
+        raise ConfigError(f"{path} is not a readable ONNX file (no graph nodes; truncated?)")
+    return model
+
+
+def optimized_model(path: Path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs for the file: its 'extended' optimizations applied (QDQ
+    groups fused into QLinear* kernels), written out by ORT itself."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - ORT raises its own exception types
+            raise ConfigError(f"ONNX Runtime cannot load {path}: "
+                              f"{str(err).splitlines()[0]}") from None
+        return onnx.load(opts.optimized_model_filepath)
+
+
+def session(path: str | Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+class OnnxRuntime:
+    """Runs the original file with ONNX Runtime: float images (N, C, H, W) in [0, 1] -> float
+    logits (np.ndarray). Images are read on the pixel grid (round(255 x) / 255), as the integer
+    program reads them. Refuses a file that changed since import."""
+
+    def __init__(self, path: str | Path, digest: str, spec: InputSpec) -> None:
+        check_unchanged(path, digest)
+        self.path, self.spec = str(path), spec
+        self._session = session(path)
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        from qrobust.integer.base import pixel_codes
+
+        feed = self.spec.feed(pixel_codes(x).numpy())
+        return self._session.run(None, {self.spec.name: feed})[0]
+
+
+def _run_nodes(nodes: list[onnx.NodeProto], inputs: dict[str, np.ndarray],
+               inits: dict[str, np.ndarray], output: str, opsets) -> np.ndarray:
+    """Run ``nodes`` alone in ONNX Runtime: how ORT computes a table."""
+    import onnxruntime as ort
+
+    names = {i for n in nodes for i in n.input if i} - set(inputs)
+    graph = helper.make_graph(
+        nodes, "table",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+         for k, v in inputs.items()],
+        [onnx.ValueInfoProto(name=output)],
+        [numpy_helper.from_array(inits[k], k) for k in sorted(names) if k in inits])
+    model = helper.make_model(graph, opset_imports=list(opsets))
+    model.ir_version = min(model.ir_version, 10)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run([output], inputs)[0]
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _f32(v) -> np.ndarray:
+    return np.asarray(v, dtype=np.float32).reshape(-1)
+
+
+class _Importer:
+    def __init__(self, model: onnx.ModelProto, spec: InputSpec, input_shape: tuple[int, ...],
+                 source: str) -> None:
+        self.model, self.spec, self.source = model, spec, source
+        self.inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.env: dict[str, Codes | Float | FloatOut | OutputOp] = {spec.name: Float(None)}
+        self.shapes: dict[str, tuple[int, ...]] = {spec.name: tuple(input_shape)}
+        self.ops: list = []
+        self.codes: dict[str, Codes] = {}
+        self.input_shape = tuple(input_shape)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def init(self, node: onnx.NodeProto, i: int) -> np.ndarray:
+        name = node.input[i] if i < len(node.input) else ""
+        if name not in self.inits:
+            raise ConfigError(f"{node.op_type} node '{node.name}': input {i} ('{name}') must be "
+                              "a constant of the file")
+        return self.inits[name]
+
+    def optional(self, node: onnx.NodeProto, i: int) -> np.ndarray | None:
+        return self.init(node, i) if i < len(node.input) and node.input[i] else None
+
+    def codes_in(self, node: onnx.NodeProto, i: int = 0) -> Codes:
+        v = self.env.get(node.input[i])
+        if not isinstance(v, Codes):
+            raise ConfigError(f"{node.op_type} node '{node.name}' reads '{node.input[i]}', which "
+                              "is not an int8/uint8 tensor of the graph (a float or constant "
+                              "input is not supported there)")
+        return v
+
+    def emit(self, op, c: Codes, shape: tuple[int, ...]) -> Codes:
+        self.ops.append(op)
+        self.codes[c.slot] = c
+        self.shapes[c.slot] = shape
+        return c
+
+    def requant(self, node: onnx.NodeProto, slot: str, terms: list[tuple[str, int, np.ndarray]],
+                shape: tuple[int, ...], at: int, rounding: str = "float32") -> Codes:
+        """RequantOp of ``terms`` (slot, zero point, float32 multiplier per channel or scalar) to
+        the node's output quantizer (scale: input ``at``, zero point: input ``at + 1``)."""
+        s_out, z_arr = self.init(node, at), self.init(node, at + 1)
+        z_out = int(z_arr.reshape(-1)[0])
+        lo, hi = CODE_RANGE[z_arr.dtype]
+        channels = shape[0]
+        real = torch.stack([torch.from_numpy(np.broadcast_to(m, (channels,)).astype(np.float64))
+                            for _, _, m in terms])
+        mult, shift = fixed_point(real)  # kept for fixed-point consumers; unused by 'float32'
+        op_terms = tuple(Term(s, z, m, r) for (s, z, _), m, r in zip(terms, mult, real,
+                                                                      strict=True))
+        out = Codes(slot, float(s_out.reshape(-1)[0]), z_out, lo, hi)
+        return self.emit(RequantOp(slot, op_terms, shift, z_out, lo, hi, rounding=rounding),
+                         out, shape)
+
+    def table(self, node_out: str, src: Codes, nodes: list[onnx.NodeProto],
+              x_name: str) -> torch.Tensor:
+        """Output codes of ``nodes`` (reading codes ``x_name``) for every code of ``src``,
+        computed by ONNX Runtime."""
+        if src.slot == self.input_slot():  # holds centred codes, not the file's
+            raise ConfigError(f"node '{nodes[-1].name}': a table op on the input tensor is not "
+                              "supported")
+        codes = np.arange(src.qmin, src.qmax + 1).astype(np.uint8 if src.qmin == 0 else np.int8)
+        try:
+            out = _run_nodes(nodes, {x_name: codes}, self.inits, node_out, self.model.opset_import)
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(f"cannot tabulate {'/'.join(n.op_type for n in nodes)} (node "
+                              f"'{nodes[-1].name}') as an elementwise function of codes: "
+                              f"{str(err).splitlines()[0]}") from None
+        return torch.from_numpy(out.astype(np.int64).reshape(-1))
+
+    def lookup(self, slot: str, src: Codes, table: torch.Tensor, scale: float, zp: int,
+               shape: tuple[int, ...], dtype) -> Codes:
+        lo, hi = CODE_RANGE[np.dtype(dtype)]
+        return self.emit(LookupOp(slot, src.slot, src.qmin, table),
+                         Codes(slot, scale, zp, lo, hi), shape)
+
+    # ---- the graph --------------------------------------------------------------------------
+    def run(self) -> Program:
+        graph = self.model.graph
+        for node in graph.node:
+            if node.op_type == "Constant":
+                self.inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                continue
+            handler = getattr(self, f"op_{node.op_type}", None)
+            if handler is None:
+                if node.op_type in ELEMENTWISE:
+                    handler = self.float_op
+                elif node.op_type in TABLE_OPS:
+                    handler = self.table_op
+                else:
+                    raise ConfigError(f"unsupported op {node.op_type} (node '{node.name}') in "
+                                      f"{self.source}; supported: {', '.join(SUPPORTED)}")
+            handler(node)
+        if len(graph.output) != 1:
+            raise ConfigError(f"{self.source} has {len(graph.output)} outputs; qrobust imports "
+                              "classifiers with one output (the logits)")
+        out = self.env.get(graph.output[0].name)
+        if isinstance(out, Codes):
+            out = OutputOp(out.slot, torch.tensor(1.0, dtype=torch.float64), 0)
+        elif isinstance(out, FloatOut):
+            out = OutputOp(out.slot, out.scale, 0)
+        if not isinstance(out, OutputOp):
+            raise ConfigError(f"the output of {self.source} is a float tensor computed by float "
+                              "ops; qrobust imports files whose output is dequantized codes")
+        self.ops.append(out)
+        return Program(tuple(self.ops), self.input_shape, self.codes)
+
+    def op_Identity(self, node):
+        self.env[node.output[0]] = self.env[node.input[0]]
+        self.shapes[node.output[0]] = self.shapes[node.input[0]]
+
+    def op_Transpose(self, node):
+        v = self.env.get(node.input[0])
+        perm = list(_attr(node, "perm", []))
+        if not (isinstance(v, Float) and v.source is None and self.spec.layout == "NHWC"
+                and perm == [0, 3, 1, 2]):
+            raise ConfigError(f"unsupported op Transpose (node '{node.name}'): only NHWC -> NCHW "
+                              "of the float input (--layout NHWC) is supported")
+        self.env[node.output[0]] = Float(None, transposed=True)
+
+    def op_QuantizeLinear(self, node):
+        v = self.env.get(node.input[0])
+        if not isinstance(v, Float):
+            raise ConfigError(f"QuantizeLinear node '{node.name}' reads a tensor that is not float")
+        if v.source is None:
+            return self.quantize_input(node, v)
+        src = self.codes_named(v.source)
+        zp = self.init(node, 2)
+        table = self.table(node.output[0], src, [*v.nodes, node], v.nodes[0].input[0])
+        self.env[node.output[0]] = self.lookup(node.output[0], src, table,
+                                               float(self.init(node, 1).reshape(-1)[0]),
+                                               int(zp.reshape(-1)[0]), self.shapes[src.slot],
+                                               zp.dtype)
+
+    def codes_named(self, name: str) -> Codes:
+        return self.env[name]  # type: ignore[return-value]
+
+    def quantize_input(self, node, v: Float):
+        """The file's input quantizer as a per-channel table over pixel codes 0..255, computed
+        by ORT on the normalised pixel grid (exactly what the runtime computes per pixel)."""
+        scale, zp = self.init(node, 1).reshape(-1), self.init(node, 2).reshape(-1)
+        if scale.size != 1:
+            raise ConfigError(f"input QuantizeLinear '{node.name}' is per-channel; only a "
+                              "per-tensor input quantizer is supported")
+        channels = self.input_shape[0]
+        grid = np.broadcast_to(np.arange(256, dtype=np.uint8), (1, channels, 1, 256))
+        feed = self.spec.feed(grid)
+        codes = _run_nodes([node], {node.input[0]: feed}, self.inits, node.output[0],
+                           self.model.opset_import)
+        if self.spec.layout == "NHWC":
+            codes = codes.transpose(0, 3, 1, 2)
+        table = torch.from_numpy(codes.reshape(channels, 256).astype(np.int64))
+        z = int(zp[0])
+        zero = torch.full((channels,), z, dtype=torch.long)
+        op = InputOp(node.output[0], zero, 1, torch.zeros(channels, dtype=torch.long), table)
+        lo, hi = CODE_RANGE[zp.dtype]
+        # the slot holds centred codes u - z (the program's input convention): zero point 0
+        self.env[node.output[0]] = self.emit(op, Codes(node.output[0], float(scale[0]), 0,
+                                                       lo - z, hi - z), self.input_shape)
+        self.input_zero_point, self.input_dtype = z, str(zp.dtype)
+        self.input_scale = float(scale[0])
+
+    def op_DequantizeLinear(self, node):
+        if node.input[0] in self.inits:
+            raise ConfigError(f"DequantizeLinear node '{node.name}' dequantizes a constant for a "
+                              "float op ONNX Runtime did not fuse; unsupported op "
+                              f"{self.consumer(node.output[0])}; supported: {', '.join(SUPPORTED)}")
+        c = self.codes_in(node)
+        scale, zp = self.init(node, 1).reshape(-1), self.optional(node, 2)
+        z = 0 if zp is None else int(zp.reshape(-1)[0])
+        if node.output[0] in {o.name for o in self.model.graph.output}:
+            self.env[node.output[0]] = OutputOp(c.slot, torch.tensor(float(scale[0]),
+                                                                     dtype=torch.float64),
+                                                self.in_zero_point(c, z))
+            return
+        self.env[node.output[0]] = Float(c.slot, (node,))
+        self.shapes[node.output[0]] = self.shapes[c.slot]
+
+    def input_slot(self) -> str | None:
+        return next((op.out for op in self.ops if isinstance(op, InputOp)), None)
+
+    def in_zero_point(self, c: Codes, z_file: int) -> int:
+        """Zero point to subtract from slot ``c`` for a consumer whose file zero point is
+        ``z_file``: the input slot is already centred by the input's own zero point."""
+        return z_file - (self.input_zero_point if c.slot == self.input_slot() else 0)
+
+    def consumer(self, name: str) -> str:
+        return next((f"{n.op_type} (node '{n.name}')" for n in self.model.graph.node
+                     if name in n.input), "?")
+
+    def float_op(self, node):
+        sources = {self.env[i].source if isinstance(self.env.get(i), Float) else "const"
+                   for i in node.input if i and i not in self.inits}
+        floats = [self.env[i] for i in node.input if isinstance(self.env.get(i), Float)]
+        consts = [self.inits[i] for i in node.input if i in self.inits]
+        if (len(sources) != 1 or None in sources or "const" in sources
+                or any(c.size != 1 for c in consts)):
+            raise ConfigError(f"unsupported op {node.op_type} (node '{node.name}'): a float op "
+                              "ONNX Runtime did not fuse is supported only as an elementwise "
+                              "function of one dequantized tensor (with scalar constants); "
+                              f"supported: {', '.join(SUPPORTED)}")
+        nodes: list[onnx.NodeProto] = []
+        for f in floats:  # union of the chains, in graph order
+            nodes += [n for n in f.nodes if all(n is not m for m in nodes)]
+        self.env[node.output[0]] = Float(floats[0].source, (*nodes, node))
+
+    def table_op(self, node):
+        """QLinearSigmoid / QLinearLeakyRelu: ORT's own kernel on every input code."""
+        src = self.codes_in(node)
+        zp = self.init(node, 4)
+        table = self.table(node.output[0], src, [node], node.input[0])
+        self.env[node.output[0]] = self.lookup(node.output[0], src, table,
+                                               float(self.init(node, 3).reshape(-1)[0]),
+                                               int(zp.reshape(-1)[0]), self.shapes[src.slot],
+                                               zp.dtype)
+
+    def window(self, node, shape: tuple[int, ...]) -> tuple:
+        """kernel, stride, padding and output shape of a 2-D window op; refuses what the
+        program cannot express."""
+        kernel = tuple(_attr(node, "kernel_shape"))
+        stride = tuple(_attr(node, "strides", [1, 1]))
+        pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+        auto_pad = _attr(node, "auto_pad", b"NOTSET")
+        dil = list(_attr(node, "dilations", [1, 1]))
+        if (auto_pad not in (b"NOTSET", "NOTSET") or pads[:2] != pads[2:] or dil != [1, 1]
+                or _attr(node, "ceil_mode", 0) or _attr(node, "channels_last", 0)):
+            raise ConfigError(f"{node.op_type} node '{node.name}': only symmetric explicit pads, "
+                              "dilation 1, ceil_mode 0, NCHW are supported")
+        _, h, w = shape
+        ho = (h + 2 * pads[0] - kernel[0]) // stride[0] + 1
+        wo = (w + 2 * pads[1] - kernel[1]) // stride[1] + 1
+        return kernel, stride, (pads[0], pads[1]), (ho, wo)
+
+    def op_QLinearConv(self, node):
+        x = self.codes_in(node)
+        sx, zx = _f32(self.init(node, 1))[0], int(self.init(node, 2).reshape(-1)[0])
+        w = self.init(node, 3).astype(np.int64)
+        sw, zw = _f32(self.init(node, 4)), self.init(node, 5).astype(np.int64).reshape(-1)
+        bias = self.optional(node, 8)
+        out_ch, groups = w.shape[0], int(_attr(node, "group", 1))
+        kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[x.slot])
+        centred = torch.from_numpy(w - zw.reshape(-1, 1, 1, 1) if zw.size > 1 else w - zw[0])
+        b = torch.zeros(out_ch, dtype=torch.long) if bias is None else torch.from_numpy(
+            bias.astype(np.int64))
+        acc_scale = torch.from_numpy(np.broadcast_to(np.float64(sx) * sw.astype(np.float64),
+                                                     (out_ch,)).copy())
+        slot = f"{node.output[0]}:acc"
+        zp = self.in_zero_point(x, zx)
+        if groups > 1:
+            self.ops.append(GroupConvOp(slot, x.slot, zp, centred, b, stride, padding, acc_scale,
+                                        groups))
+        else:
+            self.ops.append(ConvOp(slot, x.slot, zp, centred, b, stride, padding, acc_scale))
+        # ORT: output_scale[c] = x_scale * w_scale[c] / y_scale in float32
+        real = (np.float32(sx) * sw) / _f32(self.init(node, 6))[0]
+        self.env[node.output[0]] = self.requant(node, node.output[0], [(slot, 0, real)],
+                                                (out_ch, ho, wo), 6)
+
+    def linear(self, node, x: Codes, zx: int, weight_kn: np.ndarray, zw: np.ndarray,
+               bias: np.ndarray | None, sx: np.float32, sw: np.ndarray) -> str:
+        """LinearOp for codes x (K,) and integer weights (K, N) with zero points zw (N,) or ()."""
+        if len(self.shapes[x.slot]) != 1:
+            raise ConfigError(f"{node.op_type} node '{node.name}' multiplies a tensor of shape "
+                              f"{self.shapes[x.slot]}; only (N, K) inputs (after Flatten) are "
+                              "supported")
+        w = (weight_kn.astype(np.int64) - zw.astype(np.int64).reshape(1, -1)).T
+        n = w.shape[0]
+        b = torch.zeros(n, dtype=torch.long) if bias is None else torch.from_numpy(
+            bias.astype(np.int64).reshape(-1))
+        acc_scale = torch.from_numpy(np.broadcast_to(np.float64(sx) * sw.astype(np.float64),
+                                                     (n,)).copy())
+        slot = f"{node.output[0]}:acc"
+        self.ops.append(LinearOp(slot, x.slot, self.in_zero_point(x, zx),
+                                 torch.from_numpy(np.ascontiguousarray(w)), b, acc_scale))
+        self.shapes[slot] = (n,)
+        return slot
+
+    def op_QLinearMatMul(self, node):
+        x = self.codes_in(node)
+        sx, zx = _f32(self.init(node, 1))[0], int(self.init(node, 2).reshape(-1)[0])
+        b, sb, zb = self.init(node, 3), _f32(self.init(node, 4)), self.init(node, 5)
+        if b.ndim != 2:
+            raise ConfigError(f"QLinearMatMul node '{node.name}': only a 2-D constant B supported")
+        slot = self.linear(node, x, zx, b, zb.reshape(-1), None, sx, sb)
+        real = (np.float32(sx) * sb) / _f32(self.init(node, 6))[0]
+        self.env[node.output[0]] = self.requant(node, node.output[0], [(slot, 0, real)],
+                                                self.shapes[slot], 6)
+
+    def op_QGemm(self, node):
+        x = self.codes_in(node)
+        if _attr(node, "transA", 0) or float(_attr(node, "alpha", 1.0)) != 1.0:
+            raise ConfigError(f"QGemm node '{node.name}': only transA=0, alpha=1 supported")
+        sx, zx = _f32(self.init(node, 1))[0], int(self.init(node, 2).reshape(-1)[0])
+        b, sb, zb = self.init(node, 3), _f32(self.init(node, 4)), self.init(node, 5)
+        b = b.T if _attr(node, "transB", 0) else b
+        bias = self.optional(node, 6)
+        if bias is not None and bias.dtype != np.int32:
+            raise ConfigError(f"QGemm node '{node.name}': only an int32 bias is supported")
+        slot = self.linear(node, x, zx, b, zb.reshape(-1), bias, sx, sb)
+        if len(node.input) > 7 and node.input[7]:
+            real = (np.float32(sx) * sb) / _f32(self.init(node, 7))[0]
+            self.env[node.output[0]] = self.requant(node, node.output[0], [(slot, 0, real)],
+                                                    self.shapes[slot], 7)
+        else:  # float output: acc * s_x s_w
+            n = self.shapes[slot][0]
+            scale = torch.from_numpy(np.broadcast_to((np.float32(sx) * sb).astype(np.float64),
+                                                     (n,)).copy())
+            self.env[node.output[0]] = FloatOut(slot, scale)
+
+    def op_QLinearAdd(self, node):
+        a, b = self.codes_in(node, 0), self.codes_in(node, 3)
+        sa, za = _f32(self.init(node, 1))[0], int(self.init(node, 2).reshape(-1)[0])
+        sb, zb = _f32(self.init(node, 4))[0], int(self.init(node, 5).reshape(-1)[0])
+        sc = _f32(self.init(node, 6))[0]
+        shape = self.broadcast(node, a, b)
+        terms = [(a.slot, self.in_zero_point(a, za), _f32(sa / sc)),
+                 (b.slot, self.in_zero_point(b, zb), _f32(sb / sc))]
+        self.env[node.output[0]] = self.requant(node, node.output[0], terms, shape, 6)
+
+    def broadcast(self, node, a: Codes, b: Codes) -> tuple[int, ...]:
+        sa, sb = self.shapes[a.slot], self.shapes[b.slot]
+        try:
+            return tuple(np.broadcast_shapes(sa, sb))
+        except ValueError:
+            raise ConfigError(f"{node.op_type} node '{node.name}': shapes {sa} and {sb} do not "
+                              "broadcast") from None
+
+    def op_QLinearMul(self, node):
+        a, b = self.codes_in(node, 0), self.codes_in(node, 3)
+        sa, za = _f32(self.init(node, 1))[0], int(self.init(node, 2).reshape(-1)[0])
+        sb, zb = _f32(self.init(node, 4))[0], int(self.init(node, 5).reshape(-1)[0])
+        sc = _f32(self.init(node, 6))[0]
+        shape = self.broadcast(node, a, b)
+        slot = f"{node.output[0]}:product"
+        self.ops.append(MulOp(slot, (a.slot, b.slot), (self.in_zero_point(a, za),
+                                                        self.in_zero_point(b, zb))))
+        self.env[node.output[0]] = self.requant(node, node.output[0],
+                                                [(slot, 0, _f32((sa * sb) / sc))], shape, 6)
+
+    def op_QLinearGlobalAveragePool(self, node):
+        x = self.codes_in(node)
+        if _attr(node, "channels_last", 0):
+            raise ConfigError(f"QLinearGlobalAveragePool '{node.name}': channels_last unsupported")
+        sx, zx = _f32(self.init(node, 1))[0], int(self.init(node, 2).reshape(-1)[0])
+        c, h, w = self.shapes[x.slot]
+        slot = f"{node.output[0]}:sum"
+        self.ops.append(SumPoolOp(slot, x.slot, self.in_zero_point(x, zx)))
+        real = _f32(sx / (_f32(self.init(node, 3))[0] * np.float32(h * w)))
+        self.env[node.output[0]] = self.requant(node, node.output[0], [(slot, 0, real)],
+                                                (c, 1, 1), 3)
+
+    def op_QLinearAveragePool(self, node):
+        x = self.codes_in(node)
+        sx, zx = _f32(self.init(node, 1))[0], int(self.init(node, 2).reshape(-1)[0])
+        kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[x.slot])
+        if padding != (0, 0) and not _attr(node, "count_include_pad", 0):
+            raise ConfigError(f"QLinearAveragePool '{node.name}': padding needs "
+                              "count_include_pad=1")
+        slot = f"{node.output[0]}:sum"
+        self.ops.append(WindowSumPoolOp(slot, x.slot, self.in_zero_point(x, zx), kernel, stride,
+                                        padding))
+        # ORT: dequantize, float sum, divide, then rne(y / s_y + z_y): within one code
+        real = _f32(sx / (_f32(self.init(node, 3))[0] * np.float32(kernel[0] * kernel[1])))
+        self.env[node.output[0]] = self.requant(node, node.output[0], [(slot, 0, real)],
+                                                (self.shapes[x.slot][0], ho, wo), 3,
+                                                "float32_zp")
+
+    def op_QLinearConcat(self, node):
+        if int(_attr(node, "axis")) not in (1, -3):
+            raise ConfigError(f"QLinearConcat '{node.name}': only the channel axis is supported")
+        sy, zy = self.init(node, 0), self.init(node, 1)
+        parts, channels = [], 0
+        for i in range(2, len(node.input), 3):
+            x = self.codes_in(node, i)
+            sx, zx = self.init(node, i + 1), self.init(node, i + 2)
+            if x.slot == self.input_slot():
+                raise ConfigError(f"QLinearConcat '{node.name}' of the input tensor unsupported")
+            if (float(sx.reshape(-1)[0]) != float(sy.reshape(-1)[0])
+                    or int(zx.reshape(-1)[0]) != int(zy.reshape(-1)[0])):
+                # ORT requantizes this input with a table: run one-input QLinearConcat on it
+                one = helper.make_node("QLinearConcat", [node.input[0], node.input[1],
+                                                         *node.input[i:i + 3]],
+                                       [f"{node.output[0]}:part{i}"], domain=node.domain,
+                                       axis=0)
+                table = self.table(one.output[0], x, [one], node.input[i])
+                x = self.lookup(one.output[0], x, table, float(sy.reshape(-1)[0]),
+                                int(zy.reshape(-1)[0]), self.shapes[x.slot], zy.dtype)
+            parts.append(x)
+            channels += self.shapes[x.slot][0]
+        lo, hi = CODE_RANGE[zy.dtype]
+        shape = (channels, *self.shapes[parts[0].slot][1:])
+        self.env[node.output[0]] = self.emit(
+            ConcatOp(node.output[0], tuple(p.slot for p in parts)),
+            Codes(node.output[0], float(sy.reshape(-1)[0]), int(zy.reshape(-1)[0]), lo, hi), shape)
+
+    def op_MaxPool(self, node):
+        x = self.codes_in(node)
+        kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[x.slot])
+        if padding != (0, 0) or len(node.output) > 1 and node.output[1]:
+            raise ConfigError(f"MaxPool '{node.name}': only pads=0 and no indices supported")
+        self.env[node.output[0]] = self.emit(
+            MaxPoolOp(node.output[0], x.slot, kernel, stride),
+            Codes(node.output[0], x.scale, x.zero_point, x.qmin, x.qmax),
+            (self.shapes[x.slot][0], ho, wo))
+
+    def flatten(self, node):
+        x = self.codes_in(node)
+        self.env[node.output[0]] = self.emit(
+            FlattenOp(node.output[0], x.slot),
+            Codes(node.output[0], x.scale, x.zero_point, x.qmin, x.qmax),
+            (int(np.prod(self.shapes[x.slot])),))
+
+    def op_Flatten(self, node):
+        if int(_attr(node, "axis", 1)) != 1:
+            raise ConfigError(f"Flatten '{node.name}': only axis=1 supported")
+        self.flatten(node)
+
+    def op_Reshape(self, node):
+        shape = self.init(node, 1).reshape(-1)
+        size = int(np.prod(self.shapes[self.codes_in(node).slot]))
+        if len(shape) != 2 or shape[1] not in (-1, size):
+            raise ConfigError(f"Reshape '{node.name}' to {shape.tolist()}: only (N, -1) / "
+                              "(N, C*H*W) flattening is supported")
+        self.flatten(node)
+
+
+def _input_shape(model: onnx.ModelProto, path: Path, layout: str,
+                 want: tuple[int, int, int] | None) -> tuple[str, tuple[int, int, int]]:
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ConfigError(f"{path} has {len(inputs)} inputs; qrobust imports image classifiers "
+                          "with one input")
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise ConfigError(f"{path}: input '{inputs[0].name}' has {len(dims)} dims; expected "
+                          "images (N, C, H, W) or (N, H, W, C) with --layout NHWC")
+    chw = tuple(dims[1:]) if layout == "NCHW" else (dims[3], dims[1], dims[2])
+    if want is not None:
+        fixed = [a for a, b in zip(chw, want, strict=True) if a is not None and a != b]
+        if fixed:
+            raise ConfigError(f"{path} takes inputs of shape (C, H, W) = {chw} ({layout}); the "
+                              f"dataset's images are {tuple(want)}")
+        return inputs[0].name, tuple(want)  # type: ignore[return-value]
+    if None in chw:
+        raise ConfigError(f"{path}: input '{inputs[0].name}' has dynamic dims {chw}; give a "
+                          "dataset (--data) whose images fill them")
+    return inputs[0].name, chw  # type: ignore[return-value]
+
+
+def read_onnx(path: str | Path, mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,),
+              layout: str = "NCHW", input_shape: tuple[int, int, int] | None = None) -> Imported:
+    """Import the int8 ONNX file at ``path``: images x in [0, 1] reach the file as
+    ``(x - mean) / std`` in ``layout``; ``input_shape`` (C, H, W) fills dynamic dims (and must
+    match fixed ones). Raises ConfigError (one line) for files it cannot import."""
+    path = Path(path).resolve()
+    if layout not in ("NCHW", "NHWC"):
+        raise ConfigError(f"input layout '{layout}' unknown; valid: NCHW, NHWC")
+    model = load_model(path)
+    if not any(n.op_type in QUANTIZED_OPS for n in model.graph.node):
+        raise ConfigError(f"{path} is a float ONNX model (no QuantizeLinear / QLinear* ops): "
+                          "quantize it with onnxruntime.quantization.quantize_static first, or "
+                          "give qrobust the PyTorch model and quantize it with `qrobust quantize`")
+    name, shape = _input_shape(model, path, layout, input_shape)
+    digest = sha256(path)
+    optimized = optimized_model(path)
+    probe = InputSpec(tuple(mean), tuple(std), layout, name, 1.0, 0, "uint8")
+    importer = _Importer(optimized, probe, shape, str(path))
+    program = importer.run()
+    if not any(isinstance(op, InputOp) for op in program.ops):
+        raise ConfigError(f"{path}: the input is not quantized by a QuantizeLinear node")
+    spec = InputSpec(tuple(mean), tuple(std), layout, name, importer.input_scale,
+                     importer.input_zero_point, importer.input_dtype)
+    log.info("imported %s: %d integer ops", path, len(program.ops))
+    return Imported(program, spec, str(path), digest, "onnx", OnnxRuntime(path, digest, spec))
