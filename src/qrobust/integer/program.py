@@ -180,7 +180,7 @@ class Term:
     real_multiplier: torch.Tensor  # (C,) float64, for backends with float requantization
 
 
-ROUNDINGS = ("fixed", "float32", "float32_zp")
+ROUNDINGS = ("fixed", "float32")
 
 
 @dataclass(frozen=True)
@@ -189,9 +189,7 @@ class RequantOp:
     and shift, round half up). 'float32': ONNX Runtime's float requantization
     ``clamp(rne(sum_t float32(v_t - z_t) * float32(M_t)) + z_out, lo, hi)`` with the float32
     multipliers ``real_multiplier`` (products and sum in float32, in term order; round half to
-    even), which imported ONNX files follow (docs/import.md); 'float32_zp': the same with the
-    zero point added before rounding, ``clamp(rne(sum + z_out), lo, hi)`` (ORT's average
-    pools)."""
+    even), which imported ONNX files follow (docs/import.md)."""
 
     out: str
     terms: tuple[Term, ...]
@@ -232,6 +230,50 @@ class WindowSumPoolOp:
     kernel: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class FloatAvgPoolOp:
+    """ONNX Runtime's QLinearAveragePool, reproduced step by step (its kernel averages floats,
+    which no integer sum rounds like): codes dequantized in float32 ``scale * (q - zero_point)``,
+    added over each kh x kw window in row-major order in float32 (padding adds nothing), divided
+    by the count (kh kw with ``count_include_pad``, else the window's in-image positions), then
+    ``clamp(rne(y / out_scale + out_zero_point), lo, hi)`` in float32 (:func:`float_avg_pool`).
+    Only imported ONNX files use it."""
+
+    out: str
+    inp: str
+    zero_point: int
+    scale: float  # float32 values
+    out_scale: float
+    out_zero_point: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    count_include_pad: bool
+    lo: int
+    hi: int
+
+
+def float_avg_pool(op: FloatAvgPoolOp, codes: torch.Tensor) -> torch.Tensor:
+    """The float32 ``y / out_scale + out_zero_point`` of :class:`FloatAvgPoolOp` before its
+    rounding, for codes (N, C, H, W) held in a float tensor (differentiable)."""
+    n, c, h, w = codes.shape
+    x = (codes.double() - op.zero_point).float() * torch.tensor(op.scale, dtype=torch.float32)
+    cols = torch.nn.functional.unfold(x, op.kernel, padding=op.padding, stride=op.stride)
+    cols = cols.view(n, c, op.kernel[0] * op.kernel[1], -1)
+    total = cols[:, :, 0]
+    for k in range(1, cols.shape[2]):  # ORT's order: one float32 addition at a time
+        total = total + cols[:, :, k]
+    if op.count_include_pad:
+        count = torch.tensor(float(op.kernel[0] * op.kernel[1]))
+    else:
+        ones = torch.ones(1, 1, h, w)
+        count = torch.nn.functional.unfold(ones, op.kernel, padding=op.padding,
+                                           stride=op.stride).sum(1)
+    ho = (h + 2 * op.padding[0] - op.kernel[0]) // op.stride[0] + 1
+    y = (total / count).view(n, c, ho, -1)
+    return y / torch.tensor(op.out_scale, dtype=torch.float32) + float(op.out_zero_point)
 
 
 @dataclass(frozen=True)
@@ -293,7 +335,7 @@ class OutputOp:
 
 
 Op = (InputOp | ConvOp | GroupConvOp | LinearOp | RequantOp | MaxPoolOp | SumPoolOp
-      | WindowSumPoolOp | ConcatOp | LookupOp | MulOp | ClampOp | FlattenOp | ReluOp | OutputOp)
+      | WindowSumPoolOp | FloatAvgPoolOp | ConcatOp | LookupOp | MulOp | ClampOp | FlattenOp | ReluOp | OutputOp)
 
 
 @dataclass(frozen=True)

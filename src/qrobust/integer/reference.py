@@ -31,6 +31,7 @@ from qrobust.integer.program import (
     ConcatOp,
     ConvOp,
     FlattenOp,
+    FloatAvgPoolOp,
     GroupConvOp,
     InputOp,
     LinearOp,
@@ -43,6 +44,7 @@ from qrobust.integer.program import (
     RequantOp,
     SumPoolOp,
     WindowSumPoolOp,
+    float_avg_pool,
     input_codes,
     lower,
 )
@@ -139,7 +141,7 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
     of 0), that element is recomputed in int64: the result is the exact fixed-point one.
     ``values``: same-shape tensors holding integers; ``bounds``: a known bound on each one's
     ``max |v_t|`` (None: measured). Returns float32 codes (float64 for a range beyond 2^24)."""
-    if op.rounding in ("float32", "float32_zp"):
+    if op.rounding == "float32":
         return requantize_float32(values, op)
     scales = requant_scales(op) if scales is None else scales
     bounds = [None] * len(values) if bounds is None else bounds
@@ -181,16 +183,13 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
 def requantize_float32(values: list[torch.Tensor], op: RequantOp) -> torch.Tensor:
     """ONNX Runtime's float requantization (``rounding='float32'``): each term's centred value
     rounded to float32 (as ``float(acc)``), times its float32 multiplier, summed in float32 in
-    term order; round half to even (torch.round), clamp, add the zero point ('float32_zp': the
-    zero point added before the rounding, as ORT's average pools do). float32 codes."""
+    term order; round half to even (torch.round), clamp, add the zero point. float32 codes."""
     t = None
     for v, term in zip(values, op.terms, strict=True):
         centred = (v.double() - term.zero_point).float()
         m = channel_view(term.real_multiplier.float(), v.ndim)
         t = centred * m if t is None else t + centred * m
     assert t is not None
-    if op.rounding == "float32_zp":  # ORT's pools: rne(t + z) (a tie goes to the even code)
-        return torch.round(t + op.zero_point).clamp_(op.lo, op.hi)
     out = torch.round(t).clamp_(op.lo - op.zero_point, op.hi - op.zero_point)
     return out.add_(op.zero_point)
 
@@ -252,7 +251,7 @@ class _Executor:
                         LinearOp: self.linear, RequantOp: self.requant, MaxPoolOp: self.maxpool,
                         SumPoolOp: self.sumpool, WindowSumPoolOp: self.window_sum,
                         ConcatOp: self.concat, LookupOp: self.lookup, ClampOp: self.clamp,
-                        MulOp: self.mul,
+                        MulOp: self.mul, FloatAvgPoolOp: self.float_avg_pool,
                         FlattenOp: self.flatten, ReluOp: self.relu}
         self.tables = {op.out: op.table.float() for op in program.ops if isinstance(op, LookupOp)}
 
@@ -315,6 +314,9 @@ class _Executor:
         x = x - op.zero_point if op.zero_point else x
         return F.avg_pool2d(x, op.kernel, op.stride, op.padding, count_include_pad=True,
                             divisor_override=1)
+
+    def float_avg_pool(self, op: FloatAvgPoolOp, env, pixels):
+        return torch.round(float_avg_pool(op, env[op.inp])).clamp_(op.lo, op.hi)
 
     def concat(self, op: ConcatOp, env, pixels):
         return torch.cat([env[slot] for slot in op.inps], dim=1)
@@ -420,7 +422,7 @@ def _bounds(ops: tuple) -> dict[str, int | None]:
                 (inp + abs(op.zero_point)) * op.kernel[0] * op.kernel[1])
         elif isinstance(op, LookupOp):
             bounds[op.out] = _abs_max(op.table)
-        elif isinstance(op, ClampOp):
+        elif isinstance(op, (ClampOp, FloatAvgPoolOp)):
             bounds[op.out] = max(abs(op.lo), abs(op.hi))
         elif isinstance(op, MulOp):
             a, b = (bounds[slot] for slot in op.inps)

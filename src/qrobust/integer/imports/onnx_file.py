@@ -16,7 +16,8 @@ What each op becomes (ORT's kernels requantize in float: ``rounding='float32'``,
 - QLinearConv -> ConvOp / GroupConvOp + RequantOp, multiplier ``float32(s_x s_w) / s_y``;
 - QLinearMatMul, QGemm -> LinearOp + RequantOp (QGemm without output quantizer: float logits);
 - QLinearAdd -> RequantOp of two code terms; QLinearMul -> MulOp + RequantOp;
-- QLinearGlobalAveragePool / QLinearAveragePool -> SumPoolOp / WindowSumPoolOp + RequantOp;
+- QLinearGlobalAveragePool -> SumPoolOp + RequantOp (ORT sums integers too); QLinearAveragePool ->
+  FloatAvgPoolOp (ORT's float average, step by step);
 - QLinearConcat -> a LookupOp per input whose scale differs (ORT's own table) + ConcatOp;
 - QLinearSigmoid, QLinearLeakyRelu, and any chain of float elementwise ops between one
   DequantizeLinear and a QuantizeLinear (HardSwish, Sigmoid, Relu, Clip, ...) -> LookupOp
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from qrobust.integer.program import (
     ConcatOp,
     ConvOp,
     FlattenOp,
+    FloatAvgPoolOp,
     GroupConvOp,
     InputOp,
     LinearOp,
@@ -55,7 +58,6 @@ from qrobust.integer.program import (
     RequantOp,
     SumPoolOp,
     Term,
-    WindowSumPoolOp,
     fixed_point,
 )
 
@@ -69,6 +71,7 @@ ELEMENTWISE = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "L
                "Add", "Sub", "Div", "Neg", "Abs", "Exp", "Min", "Max", "Identity")
 TABLE_OPS = ("QLinearSigmoid", "QLinearLeakyRelu")
 SUPPORTED = ("QuantizeLinear (of the input)", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+             "Conv / Gemm / MatMul of DequantizeLinear inputs (left unfused by ORT)",
              "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
              "QLinearAveragePool", "QLinearConcat", *TABLE_OPS, "MaxPool", "Flatten", "Reshape",
              "Identity", "Transpose (NHWC input)",
@@ -84,6 +87,34 @@ class Float:
     source: str | None
     nodes: tuple[onnx.NodeProto, ...] = ()
     transposed: bool = False
+    flat: bool = False  # flattened to (N, K) on the way (values unchanged)
+    value: str = ""  # the tensor holding the values before any flattening
+
+
+@dataclass(frozen=True)
+class FloatSum:
+    """A float Add of dequantized code tensors ORT left unfused: terms (slot, zero point,
+    float32 scale)."""
+
+    terms: tuple[tuple[str, int, np.float32], ...]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A dequantized constant: integer codes, scale and zero point (per tensor or per axis)."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+
+@dataclass(frozen=True)
+class FloatAcc:
+    """The float output of a Conv / Gemm / MatMul ORT left unfused (DequantizeLinear inputs):
+    the accumulator ``slot`` times ``scale`` (per channel), up to float32 rounding."""
+
+    slot: str
+    scale: np.ndarray  # float32 (C,)
 
 
 @dataclass(frozen=True)
@@ -190,6 +221,9 @@ class _Importer:
         self.ops: list = []
         self.codes: dict[str, Codes] = {}
         self.input_shape = tuple(input_shape)
+        self.s8_weights: list = []  # layers with int8 weights (u8 x s8 kernels in ORT)
+        self.dq_consts: dict[str, Weights] = {}
+        self.offset: dict[str, int] = {}  # slot -> zero point already subtracted
 
     # ---- helpers ----------------------------------------------------------------------------
     def init(self, node: onnx.NodeProto, i: int) -> np.ndarray:
@@ -217,7 +251,7 @@ class _Importer:
         return c
 
     def requant(self, node: onnx.NodeProto, slot: str, terms: list[tuple[str, int, np.ndarray]],
-                shape: tuple[int, ...], at: int, rounding: str = "float32") -> Codes:
+                shape: tuple[int, ...], at: int) -> Codes:
         """RequantOp of ``terms`` (slot, zero point, float32 multiplier per channel or scalar) to
         the node's output quantizer (scale: input ``at``, zero point: input ``at + 1``)."""
         s_out, z_arr = self.init(node, at), self.init(node, at + 1)
@@ -230,14 +264,14 @@ class _Importer:
         op_terms = tuple(Term(s, z, m, r) for (s, z, _), m, r in zip(terms, mult, real,
                                                                       strict=True))
         out = Codes(slot, float(s_out.reshape(-1)[0]), z_out, lo, hi)
-        return self.emit(RequantOp(slot, op_terms, shift, z_out, lo, hi, rounding=rounding),
+        return self.emit(RequantOp(slot, op_terms, shift, z_out, lo, hi, rounding="float32"),
                          out, shape)
 
     def table(self, node_out: str, src: Codes, nodes: list[onnx.NodeProto],
               x_name: str) -> torch.Tensor:
         """Output codes of ``nodes`` (reading codes ``x_name``) for every code of ``src``,
         computed by ONNX Runtime."""
-        if src.slot == self.input_slot():  # holds centred codes, not the file's
+        if src.slot in self.offset:  # holds centred codes, not the file's
             raise ConfigError(f"node '{nodes[-1].name}': a table op on the input tensor is not "
                               "supported")
         codes = np.arange(src.qmin, src.qmax + 1).astype(np.uint8 if src.qmin == 0 else np.int8)
@@ -280,6 +314,8 @@ class _Importer:
             out = OutputOp(out.slot, torch.tensor(1.0, dtype=torch.float64), 0)
         elif isinstance(out, FloatOut):
             out = OutputOp(out.slot, out.scale, 0)
+        elif isinstance(out, FloatAcc):
+            out = OutputOp(out.slot, torch.from_numpy(out.scale.astype(np.float64)), 0)
         if not isinstance(out, OutputOp):
             raise ConfigError(f"the output of {self.source} is a float tensor computed by float "
                               "ops; qrobust imports files whose output is dequantized codes")
@@ -301,17 +337,111 @@ class _Importer:
 
     def op_QuantizeLinear(self, node):
         v = self.env.get(node.input[0])
+        if isinstance(v, FloatAcc):  # ORT: float conv / gemm, then y / s_y: within one code
+            real = v.scale / _f32(self.init(node, 1))[0]
+            self.env[node.output[0]] = self.requant(node, node.output[0], [(v.slot, 0, real)],
+                                                    self.shapes[v.slot], 1)
+            return
+        if isinstance(v, FloatSum):  # ORT: float add of dequantized values: within one code
+            s_y = _f32(self.init(node, 1))[0]
+            terms = [(slot, z, _f32(scale / s_y)) for slot, z, scale in v.terms]
+            shape = self.shapes[v.terms[0][0]]
+            self.env[node.output[0]] = self.requant(node, node.output[0], terms, shape, 1)
+            return
         if not isinstance(v, Float):
             raise ConfigError(f"QuantizeLinear node '{node.name}' reads a tensor that is not float")
+        out = node.output[0]
         if v.source is None:
-            return self.quantize_input(node, v)
-        src = self.codes_named(v.source)
-        zp = self.init(node, 2)
-        table = self.table(node.output[0], src, [*v.nodes, node], v.nodes[0].input[0])
-        self.env[node.output[0]] = self.lookup(node.output[0], src, table,
-                                               float(self.init(node, 1).reshape(-1)[0]),
-                                               int(zp.reshape(-1)[0]), self.shapes[src.slot],
-                                               zp.dtype)
+            self.quantize_input(node, v)
+        else:
+            src = self.codes_named(v.source)
+            zp = self.init(node, 2)
+            q = onnx.NodeProto()
+            q.CopyFrom(node)
+            q.input[0] = v.value  # the values before a Flatten (applied to the codes below)
+            table = self.table(out, src, [*v.nodes, q], v.nodes[0].input[0])
+            self.lookup(out, src, table, float(self.init(node, 1).reshape(-1)[0]),
+                        int(zp.reshape(-1)[0]), self.shapes[src.slot], zp.dtype)
+        self.env[out] = self.codes[out]
+        if v.flat:  # a Flatten / Reshape among the float ops: applied to the codes after
+            self.env[out] = self.flatten_codes(f"{out}:flat", self.codes[out])
+
+    def float_layer(self, node, x_at: int, w: Weights, bias: np.ndarray | None, conv: bool):
+        """Conv / Gemm / MatMul on a dequantized tensor with dequantized constant weights, which
+        ORT runs in float: the integer layer, its float32 scale kept for the QuantizeLinear."""
+        v = self.env.get(node.input[x_at])
+        if not (isinstance(v, Float) and v.source is not None and len(v.nodes) == 1):
+            raise ConfigError(f"unsupported op {node.op_type} (node '{node.name}'): its input is "
+                              "not a dequantized int8 tensor")
+        dq = v.nodes[0]
+        sx = _f32(self.init(dq, 1))[0]
+        zx = int(self.optional(dq, 2).reshape(-1)[0]) if self.optional(dq, 2) is not None else 0
+        x = self.codes_named(v.source)
+        if v.flat:
+            x = self.flatten_codes(f"{node.output[0]}:flat", x)
+        if conv:
+            fake = helper.make_node("QLinearConv", [], [node.output[0]], name=node.name)
+            fake.attribute.extend(node.attribute)
+            self.inits_conv(fake, x, sx, zx, w, bias)
+        else:
+            slot = self.linear(node, x, zx, w.codes, w.zero_point.reshape(-1), bias, sx,
+                               _f32(w.scale))
+            self.env[node.output[0]] = FloatAcc(slot, np.float32(sx) * _f32(w.scale))
+
+    def inits_conv(self, node, x: Codes, sx, zx: int, w: Weights, bias: np.ndarray | None):
+        out_ch = w.codes.shape[0]
+        kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[x.slot])
+        zw = w.zero_point.astype(np.int64).reshape(-1)
+        codes = w.codes.astype(np.int64)
+        centred = torch.from_numpy(codes - zw.reshape(-1, 1, 1, 1) if zw.size > 1 else codes - zw[0])
+        b = torch.zeros(out_ch, dtype=torch.long) if bias is None else torch.from_numpy(
+            bias.astype(np.int64))
+        sw = _f32(w.scale)
+        acc_scale = torch.from_numpy(np.broadcast_to(np.float64(sx) * sw.astype(np.float64),
+                                                     (out_ch,)).copy())
+        slot = f"{node.output[0]}:acc"
+        if w.codes.dtype == np.int8:
+            self.s8_weights.append((slot, centred))
+        groups = int(_attr(node, "group", 1))
+        op = (GroupConvOp(slot, x.slot, self.in_zero_point(x, zx), centred, b, stride, padding,
+                          acc_scale, groups) if groups > 1 else
+              ConvOp(slot, x.slot, self.in_zero_point(x, zx), centred, b, stride, padding,
+                     acc_scale))
+        self.ops.append(op)
+        self.shapes[slot] = (out_ch, ho, wo)
+        self.env[node.output[0]] = FloatAcc(slot, np.broadcast_to(np.float32(sx) * sw,
+                                                                  (out_ch,)).copy())
+
+    def weights(self, node, i: int) -> Weights:
+        w = self.dq_consts.get(node.input[i]) if i < len(node.input) else None
+        if w is None:
+            raise ConfigError(f"unsupported op {node.op_type} (node '{node.name}'): a float "
+                              "layer whose weights are not dequantized int8 constants "
+                              "(a float ONNX file, or a layer quantize_static excluded)")
+        return w
+
+    def float_bias(self, node, i: int) -> np.ndarray | None:
+        if i >= len(node.input) or not node.input[i]:
+            return None
+        b = self.dq_consts.get(node.input[i])
+        if b is None or b.codes.dtype != np.int32:
+            raise ConfigError(f"{node.op_type} node '{node.name}': the bias must be a "
+                              "dequantized int32 constant")
+        return b.codes
+
+    def op_Conv(self, node):
+        self.float_layer(node, 0, self.weights(node, 1), self.float_bias(node, 2), conv=True)
+
+    def op_Gemm(self, node):
+        if _attr(node, "transA", 0) or float(_attr(node, "alpha", 1.0)) != 1.0:
+            raise ConfigError(f"Gemm node '{node.name}': only transA=0, alpha=1 supported")
+        w = self.weights(node, 1)
+        if _attr(node, "transB", 0):
+            w = Weights(w.codes.T, w.scale, w.zero_point)
+        self.float_layer(node, 0, w, self.float_bias(node, 2), conv=False)
+
+    def op_MatMul(self, node):
+        self.float_layer(node, 0, self.weights(node, 1), None, conv=False)
 
     def codes_named(self, name: str) -> Codes:
         return self.env[name]  # type: ignore[return-value]
@@ -339,13 +469,16 @@ class _Importer:
         self.env[node.output[0]] = self.emit(op, Codes(node.output[0], float(scale[0]), 0,
                                                        lo - z, hi - z), self.input_shape)
         self.input_zero_point, self.input_dtype = z, str(zp.dtype)
+        self.offset[node.output[0]] = z
         self.input_scale = float(scale[0])
 
     def op_DequantizeLinear(self, node):
-        if node.input[0] in self.inits:
-            raise ConfigError(f"DequantizeLinear node '{node.name}' dequantizes a constant for a "
-                              "float op ONNX Runtime did not fuse; unsupported op "
-                              f"{self.consumer(node.output[0])}; supported: {', '.join(SUPPORTED)}")
+        if node.input[0] in self.inits:  # weights of a layer ORT runs in float
+            zp = self.optional(node, 2)
+            self.dq_consts[node.output[0]] = Weights(
+                self.inits[node.input[0]], self.init(node, 1),
+                np.zeros(1, np.int64) if zp is None else zp)
+            return
         c = self.codes_in(node)
         scale, zp = self.init(node, 1).reshape(-1), self.optional(node, 2)
         z = 0 if zp is None else int(zp.reshape(-1)[0])
@@ -354,7 +487,7 @@ class _Importer:
                                                                      dtype=torch.float64),
                                                 self.in_zero_point(c, z))
             return
-        self.env[node.output[0]] = Float(c.slot, (node,))
+        self.env[node.output[0]] = Float(c.slot, (node,), value=node.output[0])
         self.shapes[node.output[0]] = self.shapes[c.slot]
 
     def input_slot(self) -> str | None:
@@ -362,14 +495,40 @@ class _Importer:
 
     def in_zero_point(self, c: Codes, z_file: int) -> int:
         """Zero point to subtract from slot ``c`` for a consumer whose file zero point is
-        ``z_file``: the input slot is already centred by the input's own zero point."""
-        return z_file - (self.input_zero_point if c.slot == self.input_slot() else 0)
+        ``z_file``: the input slot (and its flattened / pooled copies) hold codes already
+        centred by the input's own zero point."""
+        return z_file - self.offset.get(c.slot, 0)
 
     def consumer(self, name: str) -> str:
         return next((f"{n.op_type} (node '{n.name}')" for n in self.model.graph.node
                      if name in n.input), "?")
 
+    def dequantized(self, name: str) -> tuple[Codes, int, np.float32] | None:
+        """(codes, zero point for the program, float32 scale) of a pure DequantizeLinear output."""
+        v = self.env.get(name)
+        if not (isinstance(v, Float) and v.source is not None and len(v.nodes) == 1
+                and not v.flat):
+            return None
+        dq = v.nodes[0]
+        zp = self.optional(dq, 2)
+        x = self.codes_named(v.source)
+        z = 0 if zp is None else int(zp.reshape(-1)[0])
+        return x, self.in_zero_point(x, z), _f32(self.init(dq, 1))[0]
+
     def float_op(self, node):
+        pair = [self.dequantized(i) for i in node.input]
+        if node.op_type in ("Add", "Mul") and len(pair) == 2 and None not in pair and (
+                pair[0][0].slot != pair[1][0].slot):  # two tensors ORT left unfused
+            (a, za, sa), (b, zb, sb) = pair  # type: ignore[misc]
+            if node.op_type == "Add":
+                self.env[node.output[0]] = FloatSum(((a.slot, za, sa), (b.slot, zb, sb)))
+            else:
+                slot = f"{node.output[0]}:product"
+                self.ops.append(MulOp(slot, (a.slot, b.slot), (za, zb)))
+                self.shapes[slot] = tuple(np.broadcast_shapes(self.shapes[a.slot],
+                                                              self.shapes[b.slot]))
+                self.env[node.output[0]] = FloatAcc(slot, _f32(sa * sb))
+            return
         sources = {self.env[i].source if isinstance(self.env.get(i), Float) else "const"
                    for i in node.input if i and i not in self.inits}
         floats = [self.env[i] for i in node.input if isinstance(self.env.get(i), Float)]
@@ -383,7 +542,8 @@ class _Importer:
         nodes: list[onnx.NodeProto] = []
         for f in floats:  # union of the chains, in graph order
             nodes += [n for n in f.nodes if all(n is not m for m in nodes)]
-        self.env[node.output[0]] = Float(floats[0].source, (*nodes, node))
+        self.env[node.output[0]] = Float(floats[0].source, (*nodes, node),
+                                         flat=any(f.flat for f in floats), value=node.output[0])
 
     def table_op(self, node):
         """QLinearSigmoid / QLinearLeakyRelu: ORT's own kernel on every input code."""
@@ -427,6 +587,8 @@ class _Importer:
                                                      (out_ch,)).copy())
         slot = f"{node.output[0]}:acc"
         zp = self.in_zero_point(x, zx)
+        if self.init(node, 3).dtype == np.int8:
+            self.s8_weights.append((slot, centred))
         if groups > 1:
             self.ops.append(GroupConvOp(slot, x.slot, zp, centred, b, stride, padding, acc_scale,
                                         groups))
@@ -451,6 +613,8 @@ class _Importer:
         acc_scale = torch.from_numpy(np.broadcast_to(np.float64(sx) * sw.astype(np.float64),
                                                      (n,)).copy())
         slot = f"{node.output[0]}:acc"
+        if weight_kn.dtype == np.int8:
+            self.s8_weights.append((slot, torch.from_numpy(np.ascontiguousarray(w))))
         self.ops.append(LinearOp(slot, x.slot, self.in_zero_point(x, zx),
                                  torch.from_numpy(np.ascontiguousarray(w)), b, acc_scale))
         self.shapes[slot] = (n,)
@@ -531,20 +695,18 @@ class _Importer:
                                                 (c, 1, 1), 3)
 
     def op_QLinearAveragePool(self, node):
+        """ORT averages dequantized floats: :class:`FloatAvgPoolOp` repeats its arithmetic."""
         x = self.codes_in(node)
         sx, zx = _f32(self.init(node, 1))[0], int(self.init(node, 2).reshape(-1)[0])
+        sy, zy = self.init(node, 3), self.init(node, 4)
         kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[x.slot])
-        if padding != (0, 0) and not _attr(node, "count_include_pad", 0):
-            raise ConfigError(f"QLinearAveragePool '{node.name}': padding needs "
-                              "count_include_pad=1")
-        slot = f"{node.output[0]}:sum"
-        self.ops.append(WindowSumPoolOp(slot, x.slot, self.in_zero_point(x, zx), kernel, stride,
-                                        padding))
-        # ORT: dequantize, float sum, divide, then rne(y / s_y + z_y): within one code
-        real = _f32(sx / (_f32(self.init(node, 3))[0] * np.float32(kernel[0] * kernel[1])))
-        self.env[node.output[0]] = self.requant(node, node.output[0], [(slot, 0, real)],
-                                                (self.shapes[x.slot][0], ho, wo), 3,
-                                                "float32_zp")
+        lo, hi = CODE_RANGE[zy.dtype]
+        op = FloatAvgPoolOp(node.output[0], x.slot, self.in_zero_point(x, zx), float(sx),
+                            float(_f32(sy)[0]), int(zy.reshape(-1)[0]), kernel, stride, padding,
+                            bool(_attr(node, "count_include_pad", 0)), lo, hi)
+        self.env[node.output[0]] = self.emit(
+            op, Codes(node.output[0], float(_f32(sy)[0]), int(zy.reshape(-1)[0]), lo, hi),
+            (self.shapes[x.slot][0], ho, wo))
 
     def op_QLinearConcat(self, node):
         if int(_attr(node, "axis")) not in (1, -3):
@@ -554,7 +716,7 @@ class _Importer:
         for i in range(2, len(node.input), 3):
             x = self.codes_in(node, i)
             sx, zx = self.init(node, i + 1), self.init(node, i + 2)
-            if x.slot == self.input_slot():
+            if x.slot in self.offset:
                 raise ConfigError(f"QLinearConcat '{node.name}' of the input tensor unsupported")
             if (float(sx.reshape(-1)[0]) != float(sy.reshape(-1)[0])
                     or int(zx.reshape(-1)[0]) != int(zy.reshape(-1)[0])):
@@ -579,17 +741,26 @@ class _Importer:
         kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[x.slot])
         if padding != (0, 0) or len(node.output) > 1 and node.output[1]:
             raise ConfigError(f"MaxPool '{node.name}': only pads=0 and no indices supported")
+        if x.slot in self.offset:
+            self.offset[node.output[0]] = self.offset[x.slot]
         self.env[node.output[0]] = self.emit(
             MaxPoolOp(node.output[0], x.slot, kernel, stride),
             Codes(node.output[0], x.scale, x.zero_point, x.qmin, x.qmax),
             (self.shapes[x.slot][0], ho, wo))
 
+    def flatten_codes(self, slot: str, x: Codes) -> Codes:
+        if x.slot in self.offset:
+            self.offset[slot] = self.offset[x.slot]
+        return self.emit(FlattenOp(slot, x.slot), Codes(slot, x.scale, x.zero_point, x.qmin,
+                                                        x.qmax),
+                         (int(np.prod(self.shapes[x.slot])),))
+
     def flatten(self, node):
-        x = self.codes_in(node)
-        self.env[node.output[0]] = self.emit(
-            FlattenOp(node.output[0], x.slot),
-            Codes(node.output[0], x.scale, x.zero_point, x.qmin, x.qmax),
-            (int(np.prod(self.shapes[x.slot])),))
+        v = self.env.get(node.input[0])
+        if isinstance(v, Float):  # flattened floats: the codes are flattened once quantized
+            self.env[node.output[0]] = Float(v.source, v.nodes, v.transposed, True, v.value)
+            return
+        self.env[node.output[0]] = self.flatten_codes(node.output[0], self.codes_in(node))
 
     def op_Flatten(self, node):
         if int(_attr(node, "axis", 1)) != 1:
@@ -598,7 +769,11 @@ class _Importer:
 
     def op_Reshape(self, node):
         shape = self.init(node, 1).reshape(-1)
-        size = int(np.prod(self.shapes[self.codes_in(node).slot]))
+        v = self.env.get(node.input[0])
+        if isinstance(v, Float):
+            size = int(np.prod(self.shapes[v.source] if v.source else self.input_shape))
+        else:
+            size = int(np.prod(self.shapes[self.codes_in(node).slot]))
         if len(shape) != 2 or shape[1] not in (-1, size):
             raise ConfigError(f"Reshape '{node.name}' to {shape.tolist()}: only (N, -1) / "
                               "(N, C*H*W) flattening is supported")
@@ -630,6 +805,21 @@ def _input_shape(model: onnx.ModelProto, path: Path, layout: str,
     return inputs[0].name, chw  # type: ignore[return-value]
 
 
+def _warn_saturation(layers: list, path: Path) -> None:
+    """Without VNNI, ORT's u8 x s8 kernels add pairs of products in saturating int16: layers
+    whose weights can overflow a pair compute differently from the exact program."""
+    from qrobust.integer.int8 import u8s8_safe
+    from qrobust.integer.onnx.session import int8_kernels
+
+    unsafe = [slot for slot, w in layers if not u8s8_safe(w)]
+    if unsafe and not int8_kernels().exact_u8s8:
+        warnings.warn(f"{path}: ONNX Runtime's u8 x s8 kernels saturate int16 pair sums on this "
+                      f"CPU (no VNNI) and {len(unsafe)} layer(s) have 8-bit weights that can "
+                      f"overflow them ({unsafe[0]}, ...): the runtime will disagree with the exact "
+                      "integer program; quantize with reduce_range=True (7-bit weights) or uint8 "
+                      "weights", stacklevel=3)
+
+
 def read_onnx(path: str | Path, mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,),
               layout: str = "NCHW", input_shape: tuple[int, int, int] | None = None) -> Imported:
     """Import the int8 ONNX file at ``path``: images x in [0, 1] reach the file as
@@ -653,5 +843,6 @@ def read_onnx(path: str | Path, mean: tuple[float, ...] = (0.0,), std: tuple[flo
         raise ConfigError(f"{path}: the input is not quantized by a QuantizeLinear node")
     spec = InputSpec(tuple(mean), tuple(std), layout, name, importer.input_scale,
                      importer.input_zero_point, importer.input_dtype)
+    _warn_saturation(importer.s8_weights, path)
     log.info("imported %s: %d integer ops", path, len(program.ops))
     return Imported(program, spec, str(path), digest, "onnx", OnnxRuntime(path, digest, spec))

@@ -28,7 +28,7 @@ from qrobust.integer.program import Codes, Program, Term
 
 OP_TYPES = {cls.__name__: cls for cls in (
     P.InputOp, P.ConvOp, P.GroupConvOp, P.LinearOp, P.RequantOp, P.MaxPoolOp, P.SumPoolOp,
-    P.WindowSumPoolOp, P.ConcatOp, P.LookupOp, P.MulOp, P.ClampOp, P.FlattenOp, P.ReluOp,
+    P.WindowSumPoolOp, P.FloatAvgPoolOp, P.ConcatOp, P.LookupOp, P.MulOp, P.ClampOp, P.FlattenOp, P.ReluOp,
     P.OutputOp)}
 
 
@@ -185,9 +185,6 @@ class ProgramTwin(nn.Module):
             m = _view(term.real_multiplier.to(torch.float64 if wide else torch.float32), v.ndim)
             t = v * m if t is None else t + v * m
         assert t is not None
-        if op.rounding == "float32_zp":
-            t = t + op.zero_point
-            return _ste(t, torch.round(t)).clamp(op.lo, op.hi).float()
         rounded = torch.floor(t + 0.5) if wide else torch.round(t)
         q = _ste(t, rounded).clamp(op.lo - op.zero_point, op.hi - op.zero_point) + op.zero_point
         return q.float()
@@ -201,6 +198,10 @@ class ProgramTwin(nn.Module):
     def _WindowSumPoolOp(self, op, env, x):
         return F.avg_pool2d(env[op.inp] - op.zero_point, op.kernel, op.stride, op.padding,
                             count_include_pad=True, divisor_override=1)
+
+    def _FloatAvgPoolOp(self, op, env, x):
+        t = P.float_avg_pool(op, env[op.inp])
+        return _ste(t, torch.round(t)).clamp(op.lo, op.hi)
 
     def _ConcatOp(self, op, env, x):
         return torch.cat([env[s] for s in op.inps], dim=1)
