@@ -2,7 +2,9 @@
 as a qrobust integer program, its differentiable twin and the file's own runtime.
 
 ``import_file(path, **options) -> Imported`` dispatches on the suffix; ``program_twin``
-(:mod:`.twin`) gives the twin; ``ProgramIntegerModel`` runs the program exactly. See
+(:mod:`.twin`) gives the twin; ``ProgramIntegerModel`` runs the program exactly;
+``save_imported`` writes a checkpoint (kind "imported") that ``load_checkpoint`` returns as
+the twin, with ``integer_model(twin)`` and ``runtime(twin)`` (:mod:`.checkpoint`). See
 docs/import.md.
 """
 
@@ -19,6 +21,7 @@ from qrobust.integer.imports.base import (
     ProgramIntegerModel,
     agreement,
 )
+from qrobust.integer.imports.checkpoint import integer_model, runtime, save_imported
 from qrobust.integer.imports.twin import ProgramTwin, program_twin
 
 # suffix -> (module, reader); modules are imported on use (tflite needs its own packages)
@@ -42,4 +45,5 @@ def import_file(path: str | Path, **options) -> Imported:
 
 
 __all__ = ["Agreement", "Imported", "InputSpec", "ProgramIntegerModel", "ProgramTwin",
-           "agreement", "import_file", "program_twin"]
+           "agreement", "import_file", "integer_model", "program_twin", "runtime",
+           "save_imported"]

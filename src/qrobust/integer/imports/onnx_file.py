@@ -135,6 +135,9 @@ def load_model(path: Path) -> onnx.ModelProto:
         raise ConfigError(f"{path}: external data file missing ({err.filename or err}); keep "
                           "the .data files next to the .onnx file") from None
     except Exception as err:  # noqa: BLE001 - protobuf raises several types for bad bytes
+        if "should be stored in" in str(err):  # onnx's check of external data locations
+            raise ConfigError(f"{path}: external data file missing ({str(err).splitlines()[0]});"
+                              " keep the .data files next to the .onnx file") from None
         raise ConfigError(f"{path} is not a readable ONNX file ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else 'truncated?'})") from None
     if not model.graph.node:
@@ -333,7 +336,7 @@ class _Importer:
                 and perm == [0, 3, 1, 2]):
             raise ConfigError(f"unsupported op Transpose (node '{node.name}'): only NHWC -> NCHW "
                               "of the float input (--layout NHWC) is supported")
-        self.env[node.output[0]] = Float(None, transposed=True)
+        self.env[node.output[0]] = Float(None, (node,), True, value=node.output[0])
 
     def op_QuantizeLinear(self, node):
         v = self.env.get(node.input[0])
@@ -390,6 +393,7 @@ class _Importer:
 
     def inits_conv(self, node, x: Codes, sx, zx: int, w: Weights, bias: np.ndarray | None):
         out_ch = w.codes.shape[0]
+        self.check_channels(node, x, w.codes, int(_attr(node, "group", 1)))
         kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[x.slot])
         zw = w.zero_point.astype(np.int64).reshape(-1)
         codes = w.codes.astype(np.int64)
@@ -453,13 +457,17 @@ class _Importer:
         if scale.size != 1:
             raise ConfigError(f"input QuantizeLinear '{node.name}' is per-channel; only a "
                               "per-tensor input quantizer is supported")
+        if self.spec.layout == "NHWC" and not v.transposed:
+            raise ConfigError(f"input QuantizeLinear '{node.name}' quantizes an NHWC tensor; "
+                              "qrobust imports files that transpose their input to NCHW first")
         channels = self.input_shape[0]
         grid = np.broadcast_to(np.arange(256, dtype=np.uint8), (1, channels, 1, 256))
-        feed = self.spec.feed(grid)
-        codes = _run_nodes([node], {node.input[0]: feed}, self.inits, node.output[0],
-                           self.model.opset_import)
-        if self.spec.layout == "NHWC":
-            codes = codes.transpose(0, 3, 1, 2)
+        q = onnx.NodeProto()
+        q.CopyFrom(node)
+        q.input[0] = v.value or self.spec.name  # the values before a Flatten
+        # the file's own float ops on its input (a transpose, a normalisation) run too
+        codes = _run_nodes([*v.nodes, q], {self.spec.name: self.spec.feed(grid)}, self.inits,
+                           node.output[0], self.model.opset_import)
         table = torch.from_numpy(codes.reshape(channels, 256).astype(np.int64))
         z = int(zp[0])
         zero = torch.full((channels,), z, dtype=torch.long)
@@ -533,8 +541,9 @@ class _Importer:
                    for i in node.input if i and i not in self.inits}
         floats = [self.env[i] for i in node.input if isinstance(self.env.get(i), Float)]
         consts = [self.inits[i] for i in node.input if i in self.inits]
-        if (len(sources) != 1 or None in sources or "const" in sources
-                or any(c.size != 1 for c in consts)):
+        on_input = sources == {None}  # float ops on the file's input: any constants
+        if (len(sources) != 1 or "const" in sources
+                or (not on_input and any(c.size != 1 for c in consts))):
             raise ConfigError(f"unsupported op {node.op_type} (node '{node.name}'): a float op "
                               "ONNX Runtime did not fuse is supported only as an elementwise "
                               "function of one dequantized tensor (with scalar constants); "
@@ -543,7 +552,8 @@ class _Importer:
         for f in floats:  # union of the chains, in graph order
             nodes += [n for n in f.nodes if all(n is not m for m in nodes)]
         self.env[node.output[0]] = Float(floats[0].source, (*nodes, node),
-                                         flat=any(f.flat for f in floats), value=node.output[0])
+                                         any(f.transposed for f in floats),
+                                         any(f.flat for f in floats), node.output[0])
 
     def table_op(self, node):
         """QLinearSigmoid / QLinearLeakyRelu: ORT's own kernel on every input code."""
@@ -554,6 +564,16 @@ class _Importer:
                                                float(self.init(node, 3).reshape(-1)[0]),
                                                int(zp.reshape(-1)[0]), self.shapes[src.slot],
                                                zp.dtype)
+
+    def size_error(self, node, wants: str, got) -> str:
+        return (f"{node.op_type} node '{node.name}' expects {wants} but gets {got} from images "
+                f"of shape {self.input_shape}: the file was made for another input size than "
+                "the dataset's")
+
+    def check_channels(self, node, x: Codes, w: np.ndarray, groups: int) -> None:
+        if w.shape[1] * groups != self.shapes[x.slot][0]:
+            raise ConfigError(self.size_error(node, f"{w.shape[1] * groups} channels",
+                                              self.shapes[x.slot][0]))
 
     def window(self, node, shape: tuple[int, ...]) -> tuple:
         """kernel, stride, padding and output shape of a 2-D window op; refuses what the
@@ -570,6 +590,8 @@ class _Importer:
         _, h, w = shape
         ho = (h + 2 * pads[0] - kernel[0]) // stride[0] + 1
         wo = (w + 2 * pads[1] - kernel[1]) // stride[1] + 1
+        if ho < 1 or wo < 1:
+            raise ConfigError(self.size_error(node, f"at least a {kernel} window", (h, w)))
         return kernel, stride, (pads[0], pads[1]), (ho, wo)
 
     def op_QLinearConv(self, node):
@@ -579,6 +601,7 @@ class _Importer:
         sw, zw = _f32(self.init(node, 4)), self.init(node, 5).astype(np.int64).reshape(-1)
         bias = self.optional(node, 8)
         out_ch, groups = w.shape[0], int(_attr(node, "group", 1))
+        self.check_channels(node, x, w, groups)
         kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[x.slot])
         centred = torch.from_numpy(w - zw.reshape(-1, 1, 1, 1) if zw.size > 1 else w - zw[0])
         b = torch.zeros(out_ch, dtype=torch.long) if bias is None else torch.from_numpy(
@@ -606,6 +629,9 @@ class _Importer:
             raise ConfigError(f"{node.op_type} node '{node.name}' multiplies a tensor of shape "
                               f"{self.shapes[x.slot]}; only (N, K) inputs (after Flatten) are "
                               "supported")
+        if weight_kn.shape[0] != self.shapes[x.slot][0]:
+            raise ConfigError(self.size_error(node, f"{weight_kn.shape[0]} inputs",
+                                              self.shapes[x.slot][0]))
         w = (weight_kn.astype(np.int64) - zw.astype(np.int64).reshape(1, -1)).T
         n = w.shape[0]
         b = torch.zeros(n, dtype=torch.long) if bias is None else torch.from_numpy(
@@ -758,7 +784,8 @@ class _Importer:
     def flatten(self, node):
         v = self.env.get(node.input[0])
         if isinstance(v, Float):  # flattened floats: the codes are flattened once quantized
-            self.env[node.output[0]] = Float(v.source, v.nodes, v.transposed, True, v.value)
+            self.env[node.output[0]] = Float(v.source, v.nodes, v.transposed, True,
+                                             v.value or self.spec.name)
             return
         self.env[node.output[0]] = self.flatten_codes(node.output[0], self.codes_in(node))
 
