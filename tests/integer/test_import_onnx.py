@@ -214,3 +214,42 @@ def test_input_table_is_the_runtime_quantizer(tmp_path):
     assert got.same_prediction >= 0.999 and got.max_code_diff == 0, got
     codes = ProgramIntegerModel(imp.program).intermediate_codes(pixel_codes(x[:4]))
     assert codes[imp.program.input_op.out].shape == (4, 3, 8, 8)
+
+
+def test_program_storage_round_trip(tmp_path):
+    """program_state -> safetensors-compatible tensors + JSON -> the same program, the same
+    codes; the twin skeleton loads them back (what checkpoints do)."""
+    import json
+
+    from qrobust.integer.imports.twin import ProgramTwin, program_from_state, program_state
+
+    torch.manual_seed(5)
+    imp = import_file(make_file(tmp_path, Mixed(), fmt="qoperator"), mean=(0.5,), std=(0.25,))
+    meta, tensors = program_state(imp.program)
+    meta = json.loads(json.dumps(meta))  # JSON-able
+    again = program_from_state(meta, tensors)
+    x = pixel_codes(images(n=64))
+    a = ProgramIntegerModel(imp.program).intermediate_codes(x)
+    b = ProgramIntegerModel(again).intermediate_codes(x)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    twin = ProgramTwin.skeleton(meta)
+    twin.load_state_dict(tensors)
+    with torch.no_grad():
+        assert torch.equal(twin(images(n=64)), program_twin(imp.program)(images(n=64)))
+
+
+def test_verifier_refuses_imported_programs(tmp_path):
+    from qrobust.errors import ConfigError
+    from qrobust.verify.search import make_query
+
+    imp = import_file(make_file(tmp_path, Family("conv")), mean=(0.5,), std=(0.25,))
+    codes = pixel_codes(images(n=1))[0]
+    with pytest.raises(ConfigError, match="imported program"):
+        make_query(imp.program, codes, 0, 1)
+
+
+def test_unknown_suffix_is_refused(tmp_path):
+    from qrobust.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown suffix '.pb'"):
+        import_file(tmp_path / "model.pb")
