@@ -253,3 +253,39 @@ def test_unknown_suffix_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown suffix '.pb'"):
         import_file(tmp_path / "model.pb")
+
+
+class Nhwc(nn.Module):
+    """Takes NHWC images (as TensorFlow-made files do) and transposes them first."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Family("depthwise")
+
+    def forward(self, x):
+        return self.inner(x.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_nhwc_input_layout(tmp_path, fmt):
+    torch.manual_seed(6)
+    float_path, path = tmp_path / "nhwc.float.onnx", tmp_path / "nhwc.onnx"
+    torch.onnx.export(Nhwc().eval(), torch.rand(1, 8, 8, 3), str(float_path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+                      opset_version=17, dynamo=False)
+    g = np.random.default_rng(0)
+    reader = iter([{"x": ((g.integers(0, 256, (8, 8, 8, 3)) / 255.0 - 0.5) / 0.25)
+                    .astype(np.float32)} for _ in range(4)])
+
+    class Reader(ort_q.CalibrationDataReader):
+        def get_next(self):
+            return next(reader, None)
+
+    ort_q.quantize_static(
+        str(float_path), str(path), Reader(),
+        quant_format=ort_q.QuantFormat.QDQ if fmt == "qdq" else ort_q.QuantFormat.QOperator,
+        per_channel=True, reduce_range=True)
+    imp = import_file(path, mean=(0.5,), std=(0.25,), layout="NHWC")
+    assert imp.program.input_shape == (3, 8, 8)
+    got = agreement(imp, ProgramIntegerModel(imp.program), images())
+    assert got.same_prediction >= 0.999 and got.max_code_diff == 0, got

@@ -227,6 +227,7 @@ class _Importer:
         self.s8_weights: list = []  # layers with int8 weights (u8 x s8 kernels in ORT)
         self.dq_consts: dict[str, Weights] = {}
         self.offset: dict[str, int] = {}  # slot -> zero point already subtracted
+        self.nhwc_codes: set[str] = set()  # input codes the file holds NHWC (until transposed)
 
     # ---- helpers ----------------------------------------------------------------------------
     def init(self, node: onnx.NodeProto, i: int) -> np.ndarray:
@@ -239,8 +240,11 @@ class _Importer:
     def optional(self, node: onnx.NodeProto, i: int) -> np.ndarray | None:
         return self.init(node, i) if i < len(node.input) and node.input[i] else None
 
-    def codes_in(self, node: onnx.NodeProto, i: int = 0) -> Codes:
+    def codes_in(self, node: onnx.NodeProto, i: int = 0, nhwc_ok: bool = False) -> Codes:
         v = self.env.get(node.input[i])
+        if isinstance(v, Codes) and v.slot in self.nhwc_codes and not nhwc_ok:
+            raise ConfigError(f"{node.op_type} node '{node.name}' reads the NHWC input codes; "
+                              "qrobust imports files that transpose their input to NCHW first")
         if not isinstance(v, Codes):
             raise ConfigError(f"{node.op_type} node '{node.name}' reads '{node.input[i]}', which "
                               "is not an int8/uint8 tensor of the graph (a float or constant "
@@ -274,10 +278,10 @@ class _Importer:
               x_name: str) -> torch.Tensor:
         """Output codes of ``nodes`` (reading codes ``x_name``) for every code of ``src``,
         computed by ONNX Runtime."""
-        if src.slot in self.offset:  # holds centred codes, not the file's
-            raise ConfigError(f"node '{nodes[-1].name}': a table op on the input tensor is not "
-                              "supported")
-        codes = np.arange(src.qmin, src.qmax + 1).astype(np.uint8 if src.qmin == 0 else np.int8)
+        offset = self.offset.get(src.slot, 0)  # the input slot holds centred codes
+        lo = src.qmin + offset
+        codes = (np.arange(src.qmin, src.qmax + 1) + offset).astype(
+            np.uint8 if lo == 0 else np.int8)
         try:
             out = _run_nodes(nodes, {x_name: codes}, self.inits, node_out, self.model.opset_import)
         except Exception as err:  # noqa: BLE001
@@ -332,10 +336,19 @@ class _Importer:
     def op_Transpose(self, node):
         v = self.env.get(node.input[0])
         perm = list(_attr(node, "perm", []))
-        if not (isinstance(v, Float) and v.source is None and self.spec.layout == "NHWC"
-                and perm == [0, 3, 1, 2]):
+        nhwc_input = (isinstance(v, Float) and v.source in (None, *self.nhwc_codes)) or (
+            isinstance(v, Codes) and v.slot in self.nhwc_codes)
+        if not (nhwc_input and self.spec.layout == "NHWC" and perm == [0, 3, 1, 2]):
             raise ConfigError(f"unsupported op Transpose (node '{node.name}'): only NHWC -> NCHW "
-                              "of the float input (--layout NHWC) is supported")
+                              "of the input (--layout NHWC) is supported; supported: "
+                              f"{', '.join(SUPPORTED)}")
+        if isinstance(v, Codes):  # the input codes: the program holds them NCHW already
+            self.nhwc_codes.discard(v.slot)
+            self.env[node.output[0]] = v
+            return
+        if v.source is not None:  # their dequantized values: the same, NCHW
+            self.env[node.output[0]] = v
+            return
         self.env[node.output[0]] = Float(None, (node,), True, value=node.output[0])
 
     def op_QuantizeLinear(self, node):
@@ -457,9 +470,7 @@ class _Importer:
         if scale.size != 1:
             raise ConfigError(f"input QuantizeLinear '{node.name}' is per-channel; only a "
                               "per-tensor input quantizer is supported")
-        if self.spec.layout == "NHWC" and not v.transposed:
-            raise ConfigError(f"input QuantizeLinear '{node.name}' quantizes an NHWC tensor; "
-                              "qrobust imports files that transpose their input to NCHW first")
+        nhwc = self.spec.layout == "NHWC" and not v.transposed  # quantized before the transpose
         channels = self.input_shape[0]
         grid = np.broadcast_to(np.arange(256, dtype=np.uint8), (1, channels, 1, 256))
         q = onnx.NodeProto()
@@ -468,6 +479,9 @@ class _Importer:
         # the file's own float ops on its input (a transpose, a normalisation) run too
         codes = _run_nodes([*v.nodes, q], {self.spec.name: self.spec.feed(grid)}, self.inits,
                            node.output[0], self.model.opset_import)
+        if nhwc:  # (1, 1, 256, C): the file transposes these codes next (op_Transpose)
+            codes = codes.transpose(0, 3, 1, 2)
+            self.nhwc_codes.add(node.output[0])
         table = torch.from_numpy(codes.reshape(channels, 256).astype(np.int64))
         z = int(zp[0])
         zero = torch.full((channels,), z, dtype=torch.long)
@@ -487,7 +501,7 @@ class _Importer:
                 self.inits[node.input[0]], self.init(node, 1),
                 np.zeros(1, np.int64) if zp is None else zp)
             return
-        c = self.codes_in(node)
+        c = self.codes_in(node, nhwc_ok=True)
         scale, zp = self.init(node, 1).reshape(-1), self.optional(node, 2)
         z = 0 if zp is None else int(zp.reshape(-1)[0])
         if node.output[0] in {o.name for o in self.model.graph.output}:
@@ -498,18 +512,11 @@ class _Importer:
         self.env[node.output[0]] = Float(c.slot, (node,), value=node.output[0])
         self.shapes[node.output[0]] = self.shapes[c.slot]
 
-    def input_slot(self) -> str | None:
-        return next((op.out for op in self.ops if isinstance(op, InputOp)), None)
-
     def in_zero_point(self, c: Codes, z_file: int) -> int:
         """Zero point to subtract from slot ``c`` for a consumer whose file zero point is
         ``z_file``: the input slot (and its flattened / pooled copies) hold codes already
         centred by the input's own zero point."""
         return z_file - self.offset.get(c.slot, 0)
-
-    def consumer(self, name: str) -> str:
-        return next((f"{n.op_type} (node '{n.name}')" for n in self.model.graph.node
-                     if name in n.input), "?")
 
     def dequantized(self, name: str) -> tuple[Codes, int, np.float32] | None:
         """(codes, zero point for the program, float32 scale) of a pure DequantizeLinear output."""
