@@ -200,6 +200,11 @@ class RequantOp:
     sign: bool = False
     rounding: str = "fixed"
 
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"unknown requantization rounding '{self.rounding}'; valid: "
+                              f"{', '.join(ROUNDINGS)}")
+
 
 @dataclass(frozen=True)
 class MaxPoolOp:
@@ -335,7 +340,8 @@ class OutputOp:
 
 
 Op = (InputOp | ConvOp | GroupConvOp | LinearOp | RequantOp | MaxPoolOp | SumPoolOp
-      | WindowSumPoolOp | FloatAvgPoolOp | ConcatOp | LookupOp | MulOp | ClampOp | FlattenOp | ReluOp | OutputOp)
+      | WindowSumPoolOp | FloatAvgPoolOp | ConcatOp | LookupOp | MulOp | ClampOp | FlattenOp
+      | ReluOp | OutputOp)
 
 
 @dataclass(frozen=True)
