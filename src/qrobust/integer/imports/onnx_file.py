@@ -71,7 +71,8 @@ ELEMENTWISE = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "L
                "Add", "Sub", "Div", "Neg", "Abs", "Exp", "Min", "Max", "Identity")
 TABLE_OPS = ("QLinearSigmoid", "QLinearLeakyRelu")
 SUPPORTED = ("QuantizeLinear (of the input)", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-             "Conv / Gemm / MatMul of DequantizeLinear inputs (left unfused by ORT)",
+             "Conv / Gemm / MatMul / Add / Mul / MaxPool / AveragePool / GlobalAveragePool / "
+             "Concat of DequantizeLinear inputs (left unfused by ORT)",
              "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
              "QLinearAveragePool", "QLinearConcat", *TABLE_OPS, "MaxPool", "Flatten", "Reshape",
              "Identity", "Transpose (NHWC input)",
@@ -97,6 +98,26 @@ class FloatSum:
     float32 scale)."""
 
     terms: tuple[tuple[str, int, np.float32], ...]
+
+
+@dataclass(frozen=True)
+class FloatPool:
+    """A float AveragePool / GlobalAveragePool of dequantized codes ORT left unfused, waiting
+    for its QuantizeLinear (a :class:`FloatAvgPoolOp`: within one code of ORT's float pool)."""
+
+    node: onnx.NodeProto
+    codes: Codes
+    zero_point: int
+    scale: float
+    window: tuple
+
+
+@dataclass(frozen=True)
+class FloatConcat:
+    """A float Concat of dequantized code tensors, waiting for its QuantizeLinear: each part
+    requantized by a table (ORT running DequantizeLinear -> QuantizeLinear), then joined."""
+
+    parts: tuple[tuple[Codes, onnx.NodeProto], ...]
 
 
 @dataclass(frozen=True)
@@ -358,6 +379,10 @@ class _Importer:
             self.env[node.output[0]] = self.requant(node, node.output[0], [(v.slot, 0, real)],
                                                     self.shapes[v.slot], 1)
             return
+        if isinstance(v, FloatPool):
+            return self.float_pool(node, v)
+        if isinstance(v, FloatConcat):
+            return self.float_concat(node, v)
         if isinstance(v, FloatSum):  # ORT: float add of dequantized values: within one code
             s_y = _f32(self.init(node, 1))[0]
             terms = [(slot, z, _f32(scale / s_y)) for slot, z, scale in v.terms]
@@ -461,7 +486,7 @@ class _Importer:
         self.float_layer(node, 0, self.weights(node, 1), None, conv=False)
 
     def codes_named(self, name: str) -> Codes:
-        return self.env[name]  # type: ignore[return-value]
+        return self.codes[name]  # Float.source is a slot of the program
 
     def quantize_input(self, node, v: Float):
         """The file's input quantizer as a per-channel table over pixel codes 0..255, computed
@@ -769,7 +794,82 @@ class _Importer:
             ConcatOp(node.output[0], tuple(p.slot for p in parts)),
             Codes(node.output[0], float(sy.reshape(-1)[0]), int(zy.reshape(-1)[0]), lo, hi), shape)
 
+    def float_pool(self, q: onnx.NodeProto, v: FloatPool) -> None:
+        sy, zy = self.init(q, 1), self.init(q, 2)
+        lo, hi = CODE_RANGE[zy.dtype]
+        kernel, stride, padding, (ho, wo) = v.window
+        node = v.node
+        op = FloatAvgPoolOp(q.output[0], v.codes.slot, v.zero_point, v.scale,
+                            float(_f32(sy)[0]), int(zy.reshape(-1)[0]), kernel, stride, padding,
+                            bool(_attr(node, "count_include_pad", 0)), lo, hi)
+        self.env[q.output[0]] = self.emit(
+            op, Codes(q.output[0], float(_f32(sy)[0]), int(zy.reshape(-1)[0]), lo, hi),
+            (self.shapes[v.codes.slot][0], ho, wo))
+
+    def float_concat(self, q: onnx.NodeProto, v: FloatConcat) -> None:
+        sy, zy = self.init(q, 1), self.init(q, 2)
+        parts = []
+        for i, (c, dq) in enumerate(v.parts):
+            one = onnx.NodeProto()
+            one.CopyFrom(q)
+            one.input[0], one.output[0] = dq.output[0], f"{q.output[0]}:part{i}"
+            table = self.table(one.output[0], c, [dq, one], dq.input[0])
+            parts.append(self.lookup(one.output[0], c, table, float(_f32(sy)[0]),
+                                     int(zy.reshape(-1)[0]), self.shapes[c.slot], zy.dtype))
+        lo, hi = CODE_RANGE[zy.dtype]
+        shape = (sum(self.shapes[p.slot][0] for p in parts), *self.shapes[parts[0].slot][1:])
+        self.env[q.output[0]] = self.emit(
+            ConcatOp(q.output[0], tuple(p.slot for p in parts)),
+            Codes(q.output[0], float(_f32(sy)[0]), int(zy.reshape(-1)[0]), lo, hi), shape)
+
+    def pure_dq(self, node, i: int = 0):
+        """(codes, program zero point, scale, the DequantizeLinear node) of a float input that
+        is a dequantized code tensor, else a one-line error."""
+        got = self.dequantized(node.input[i])
+        if got is None:
+            raise ConfigError(f"unsupported op {node.op_type} (node '{node.name}'): its input is "
+                              "not a dequantized int8 tensor")
+        return (*got, self.env[node.input[i]].nodes[0])
+
+    def op_AveragePool(self, node):
+        c, z, scale, _ = self.pure_dq(node)
+        self.env[node.output[0]] = FloatPool(node, c, z, float(scale),
+                                             self.window(node, self.shapes[c.slot]))
+
+    def op_GlobalAveragePool(self, node):
+        c, z, scale, _ = self.pure_dq(node)
+        _, h, w = self.shapes[c.slot]
+        self.env[node.output[0]] = FloatPool(node, c, z, float(scale),
+                                             ((h, w), (1, 1), (0, 0), (1, 1)))
+
+    def op_Concat(self, node):
+        if int(_attr(node, "axis")) not in (1, -3):
+            raise ConfigError(f"Concat '{node.name}': only the channel axis is supported")
+        parts = []
+        for i in range(len(node.input)):
+            c, _, _, dq = self.pure_dq(node, i)
+            parts.append((c, dq))
+        self.env[node.output[0]] = FloatConcat(tuple(parts))
+
     def op_MaxPool(self, node):
+        if isinstance(self.env.get(node.input[0]), Float):
+            # max of dequantized codes = dequantized max of the codes (positive scale): pool the
+            # codes, dequantize them again for what follows
+            c, _, _, dq = self.pure_dq(node)
+            kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[c.slot])
+            if padding != (0, 0):
+                raise ConfigError(f"MaxPool '{node.name}': only pads=0 supported")
+            slot = f"{node.output[0]}:codes"
+            self.emit(MaxPoolOp(slot, c.slot, kernel, stride),
+                      Codes(slot, c.scale, c.zero_point, c.qmin, c.qmax),
+                      (self.shapes[c.slot][0], ho, wo))
+            if c.slot in self.offset:
+                self.offset[slot] = self.offset[c.slot]
+            again = onnx.NodeProto()
+            again.CopyFrom(dq)
+            again.input[0], again.output[0] = slot, node.output[0]
+            self.env[node.output[0]] = Float(slot, (again,), value=node.output[0])
+            return
         x = self.codes_in(node)
         kernel, stride, padding, (ho, wo) = self.window(node, self.shapes[x.slot])
         if padding != (0, 0) or len(node.output) > 1 and node.output[1]:
