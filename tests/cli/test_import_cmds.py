@@ -15,7 +15,7 @@ from torch import nn
 
 from qrobust.checkpoint import load_checkpoint
 from qrobust.cli import main
-from qrobust.data import take
+from qrobust.data import load_dataset, take
 from qrobust.errors import CheckpointError
 from qrobust.integer.imports import ProgramTwin, integer_model, runtime
 
@@ -68,8 +68,7 @@ def test_import_then_attack_replays_on_the_file(tmp_path, capsys, digits_file):
 
     twin, meta = load_checkpoint(out)
     assert isinstance(twin, ProgramTwin) and meta["kind"] == "imported"
-    x, y = take(__import__("qrobust.data", fromlist=["load_dataset"]).load_dataset("digits")
-                .test, 200).tensors()
+    x, _ = take(load_dataset("digits").test, 200).tensors()
     with torch.no_grad():
         same = (twin(x).argmax(1) == integer_model(twin)(x).argmax(1)).float().mean()
     assert float(same) == 1.0
