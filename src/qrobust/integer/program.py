@@ -124,7 +124,7 @@ def input_codes(op: InputOp, pixels: torch.Tensor) -> torch.Tensor:
     p = pixels.long()
     if op.table is not None:  # per channel: u = table[c, p]
         p = torch.clamp(p, 0, 255)
-        channels = torch.arange(p.shape[1]).view(1, -1, *([1] * (p.ndim - 2)))
+        channels = torch.arange(p.shape[1], device=p.device).view(1, -1, *([1] * (p.ndim - 2)))
         return op.table[channels, p]
     if op.step > 1:
         offset = op.offset.view(1, -1, *([1] * (p.ndim - 2)))
@@ -273,7 +273,7 @@ def float_avg_pool(op: FloatAvgPoolOp, codes: torch.Tensor) -> torch.Tensor:
     if op.count_include_pad:
         count = torch.tensor(float(op.kernel[0] * op.kernel[1]))
     else:
-        ones = torch.ones(1, 1, h, w)
+        ones = torch.ones(1, 1, h, w, device=codes.device)
         count = torch.nn.functional.unfold(ones, op.kernel, padding=op.padding,
                                            stride=op.stride).sum(1)
     ho = (h + 2 * op.padding[0] - op.kernel[0]) // op.stride[0] + 1

@@ -158,7 +158,7 @@ class ProgramTwin(nn.Module):
         if op.table is not None:  # the table's average slope per channel
             slope = (op.table[:, -1] - op.table[:, 0]).to(x.dtype) / 255.0
         else:
-            slope = torch.full((x.shape[1],), 1.0 / op.step, dtype=x.dtype)
+            slope = torch.full((x.shape[1],), 1.0 / op.step, dtype=x.dtype, device=x.device)
         linear = p * _view(slope, x.ndim)
         return _ste(linear, exact) - _view(op.zero_point.to(x.dtype), x.ndim)
 
