@@ -23,7 +23,12 @@ pytest.importorskip("ai_edge_litert", reason="the [tflite] extra (tflite, ai-edg
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from qrobust.errors import ConfigError  # noqa: E402
-from qrobust.integer.imports.tflite import _resolver, pixel_codes, read_tflite  # noqa: E402
+from qrobust.integer.imports.tflite import (  # noqa: E402
+    _resolver,
+    input_table,
+    pixel_codes,
+    read_tflite,
+)
 from qrobust.integer.program import FlattenOp, LookupOp, OutputOp  # noqa: E402
 from qrobust.integer.reference import execute  # noqa: E402
 
@@ -108,10 +113,10 @@ def _litert_tensors(path: Path, kernels: str, imported, pixels: np.ndarray) -> d
     it = Interpreter(model_path=str(path), experimental_op_resolver_type=_resolver(kernels),
                      experimental_preserve_all_tensors=True)
     it.allocate_tensors()
-    spec = imported.input_spec
+    spec = imported.input
     nhwc = pixels.transpose(0, 2, 3, 1)
     feed = ((np.arange(256, dtype=np.float32) / np.float32(255))[nhwc] if spec.dtype == "float32"
-            else spec.pixel_codes[nhwc].astype(spec.dtype))
+            else input_table(imported.program, spec)[nhwc].astype(spec.dtype))
     details = [d for d in it.get_tensor_details() if d["dtype"] in (np.int8, np.uint8)]
     out: dict[int, list] = {d["index"]: [] for d in details}
     for image in feed:
@@ -237,25 +242,28 @@ def test_table_ops_are_lookups(runs):
 def test_input_spec_and_provenance():
     path = FIXTURES / "cnn_float_io.tflite"
     imp = read_tflite(path)
-    spec = imp.input_spec
-    assert (spec.layout, spec.shape, spec.dtype) == ("NHWC", (12, 12, 3), "float32")
+    spec = imp.input
+    assert (spec.layout, spec.dtype, spec.mean, spec.std) == ("NHWC", "float32", (0.0,), (1.0,))
     assert imp.program.input_shape == (3, 12, 12)
     assert imp.format == "tflite" and imp.source == str(path)
     assert imp.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert spec.pixel_codes.shape == (256,) and np.all(np.diff(spec.pixel_codes) >= 0)
+    table = input_table(imp.program, spec)
+    assert table.shape == (256,) and np.all(np.diff(table) >= 0)
     imp = read_tflite(FIXTURES / "mlp_digits_int8.tflite")
-    assert imp.input_spec.dtype == "int8"
-    assert np.array_equal(imp.input_spec.pixel_codes,
-                          pixel_codes(imp.input_spec.scale, imp.input_spec.zero_point))
+    assert imp.input.dtype == "int8"
+    assert np.array_equal(input_table(imp.program, imp.input),
+                          pixel_codes(imp.input.scale, imp.input.zero_point))
 
 
 def test_pixel_codes_match_litert_quantize():
     # int8-input files get their input codes from pixel_codes (no QUANTIZE in the file): it
     # quantizes as LiteRT's own QUANTIZE does, which made the float-input file's table
-    spec = read_tflite(FIXTURES / "cnn_float_io.tflite").input_spec
-    assert np.array_equal(spec.pixel_codes, pixel_codes(spec.scale, spec.zero_point))
-    spec = read_tflite(FIXTURES / "mlp_digits_int8.tflite").input_spec
-    assert np.array_equal(spec.pixel_codes, np.arange(256) - 128)  # scale 1/255, zero point -128
+    imp = read_tflite(FIXTURES / "cnn_float_io.tflite")
+    assert np.array_equal(input_table(imp.program, imp.input),
+                          pixel_codes(imp.input.scale, imp.input.zero_point))
+    imp = read_tflite(FIXTURES / "mlp_digits_int8.tflite")
+    # scale 1/255, zero point -128
+    assert np.array_equal(input_table(imp.program, imp.input), np.arange(256) - 128)
 
 
 # ---- bad input -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ def _register_commands() -> None:
         certify_cmds,
         data_cmds,
         defense_cmds,
+        import_cmds,
         quant_cmds,
         study_cmds,
         train_cmds,

@@ -103,15 +103,24 @@ def attack_cmd(
                "budget_scale": budget_scale if budget_scale != 1.0 else None}
     spec = RobustnessSpec(attack, norm, eps, {k: v for k, v in options.items() if v is not None},
                           check_list, integer_queries=queries, batch_size=batch_size)
-    quantized = read_meta(ckpt).get("kind") == "quantized"
+    kind = read_meta(ckpt).get("kind")
+    quantized, imported = kind == "quantized", kind == "imported"
     if quantized:
         import qrobust.quant  # noqa: F401  (registers the "quantized" checkpoint kind)
+    if imported:
+        import qrobust.integer.imports  # noqa: F401  (registers the "imported" kind)
     model, meta = load_checkpoint(ckpt)
-    deployed = None
+    deployed = file_model = None
     if quantized and integer:
         from qrobust.integer import to_integer
 
         deployed = to_integer(model, backend)
+    if imported and integer:  # the program's executor, and the original file's runtime
+        from qrobust.integer.imports import integer_model, runtime
+        from qrobust.integer.imports.checkpoint import RuntimeModel
+
+        deployed = integer_model(model)
+        file_model = RuntimeModel(runtime(model))  # refuses a file changed since the import
     target, deployed, note = defended_pair(model, deployed, defenses)
     if note:
         log.warning(note)
@@ -119,8 +128,15 @@ def attack_cmd(
     x, y = take(ds.test, limit).tensors()
     cell = robustness_cell(target, x, y, spec, seed, integer=deployed, progress=cli_progress())
     result: dict = {"ckpt": ckpt, "dataset": ds.name, "seed": seed, "defenses": list(defense),
-                    "quantized": quantized, "integer_note": note, **cell.metrics,
+                    "quantized": quantized or imported, "integer_note": note, **cell.metrics,
                     "warnings": cell.warnings}
+    if file_model is not None and defenses:
+        result["warnings"].append("the twin's adversarial examples are not replayed on the "
+                                  "original file behind defenses")
+    elif file_model is not None:
+        from qrobust.integer.imports.checkpoint import replay
+
+        result.update(replay(target, file_model, x, y, cell.x_adv, batch_size))
     if as_json:
         typer.echo(json.dumps(result, default=str))
         return
@@ -137,6 +153,11 @@ def attack_cmd(
                    f"adversarials {result['robust_acc_int']:.4f}, transfer rate {rate}, "
                    f"twin/integer disagreement on adversarials "
                    f"{result['adv_disagreement'] or 0.0:.4f}")
+    if "n_fool_runtime" in result:
+        typer.echo(f"original file ({meta['import']['format']} runtime): clean "
+                   f"{result['clean_acc_runtime']:.4f}, robust to the twin's adversarials "
+                   f"{result['robust_acc_runtime']:.4f}; {result['n_fool_runtime']} of "
+                   f"{result['n_fool_twin']} adversarial examples that fool the twin still fool it")
     if result["robust_acc_int_square"] is not None:
         typer.echo(f"square ({queries} queries) on the integer model: robust "
                    f"{result['robust_acc_int_square']:.4f}")

@@ -99,12 +99,18 @@ class Joined:
 @dataclass(frozen=True)
 class InputOp:
     """Pixel codes p (any integers, 1/255 grid) -> centred input codes u - zero_point, with
-    ``u = clamp(floor((p + offset + step / 2) / step), 0, 255)`` (:func:`input_codes`)."""
+    ``u = clamp(floor((p + offset + step / 2) / step), 0, 255)`` (:func:`input_codes`).
+
+    ``table`` (C, 256) int64, when given, replaces that formula: ``u = table[c, clamp(p, 0,
+    255)]``. Imported files (:mod:`qrobust.integer.imports`) quantize a normalised float input
+    with their own scale, zero point and rounding, which no step / offset expresses; the table
+    holds the codes the file's runtime computes for each pixel code."""
 
     out: str
     zero_point: torch.Tensor  # (C,) int64: round(255 mean_c) when step = 1
     step: int  # pixel codes per input code: a power of two (QuantInput.widen), 1 by default
     offset: torch.Tensor  # (C,) int64, step * zero_point - round(255 mean_c); 0 when step = 1
+    table: torch.Tensor | None = None  # (C, 256) int64: pixel code -> input code u
 
     @property
     def pixel_zero_point(self) -> torch.Tensor:
@@ -116,6 +122,10 @@ def input_codes(op: InputOp, pixels: torch.Tensor) -> torch.Tensor:
     """The program's input codes u in [0, 255] for pixel codes (round half up when step > 1;
     the pixel codes themselves, clipped, when step = 1)."""
     p = pixels.long()
+    if op.table is not None:  # per channel: u = table[c, p]
+        p = torch.clamp(p, 0, 255)
+        channels = torch.arange(p.shape[1], device=p.device).view(1, -1, *([1] * (p.ndim - 2)))
+        return op.table[channels, p]
     if op.step > 1:
         offset = op.offset.view(1, -1, *([1] * (p.ndim - 2)))
         p = torch.div(p + offset + op.step // 2, op.step, rounding_mode="floor")
@@ -170,7 +180,7 @@ class Term:
     real_multiplier: torch.Tensor  # (C,) float64, for backends with float requantization
 
 
-ROUNDINGS = ("fixed", "tflite", "ruy")
+ROUNDINGS = ("fixed", "tflite", "ruy", "float32")
 
 
 @dataclass(frozen=True)
@@ -186,7 +196,11 @@ class RequantOp:
       RoundingDivideByPOT by ``S - 31`` (ties away from zero); every term carries one multiplier;
     - ``"ruy"``: the same two steps as ruy's int8 kernels round them (TFLite's builtin CONV_2D and
       FULLY_CONNECTED): ``h = (x' m + 2^30) >> 31``, then ``(h + 2^(S-32)) >> (S - 31)``, both
-      ties up.
+      ties up;
+    - ``"float32"`` (imported ONNX files): ONNX Runtime's float requantization
+      ``clamp(rne(sum_t float32(v_t - z_t) * float32(M_t)) + z_out, lo, hi)`` with the float32
+      multipliers ``real_multiplier`` (products and sum in float32, in term order; round half
+      to even; docs/import.md).
     """
 
     out: str
@@ -234,6 +248,50 @@ class WindowSumPoolOp:
     kernel: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class FloatAvgPoolOp:
+    """ONNX Runtime's QLinearAveragePool, reproduced step by step (its kernel averages floats,
+    which no integer sum rounds like): codes dequantized in float32 ``scale * (q - zero_point)``,
+    added over each kh x kw window in row-major order in float32 (padding adds nothing), divided
+    by the count (kh kw with ``count_include_pad``, else the window's in-image positions), then
+    ``clamp(rne(y / out_scale + out_zero_point), lo, hi)`` in float32 (:func:`float_avg_pool`).
+    Only imported ONNX files use it."""
+
+    out: str
+    inp: str
+    zero_point: int
+    scale: float  # float32 values
+    out_scale: float
+    out_zero_point: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    count_include_pad: bool
+    lo: int
+    hi: int
+
+
+def float_avg_pool(op: FloatAvgPoolOp, codes: torch.Tensor) -> torch.Tensor:
+    """The float32 ``y / out_scale + out_zero_point`` of :class:`FloatAvgPoolOp` before its
+    rounding, for codes (N, C, H, W) held in a float tensor (differentiable)."""
+    n, c, h, w = codes.shape
+    x = (codes.double() - op.zero_point).float() * torch.tensor(op.scale, dtype=torch.float32)
+    cols = torch.nn.functional.unfold(x, op.kernel, padding=op.padding, stride=op.stride)
+    cols = cols.view(n, c, op.kernel[0] * op.kernel[1], -1)
+    total = cols[:, :, 0]
+    for k in range(1, cols.shape[2]):  # ORT's order: one float32 addition at a time
+        total = total + cols[:, :, k]
+    if op.count_include_pad:
+        count = torch.tensor(float(op.kernel[0] * op.kernel[1]))
+    else:
+        ones = torch.ones(1, 1, h, w, device=codes.device)
+        count = torch.nn.functional.unfold(ones, op.kernel, padding=op.padding,
+                                           stride=op.stride).sum(1)
+    ho = (h + 2 * op.padding[0] - op.kernel[0]) // op.stride[0] + 1
+    y = (total / count).view(n, c, ho, -1)
+    return y / torch.tensor(op.out_scale, dtype=torch.float32) + float(op.out_zero_point)
 
 
 @dataclass(frozen=True)
@@ -295,7 +353,8 @@ class OutputOp:
 
 
 Op = (InputOp | ConvOp | GroupConvOp | LinearOp | RequantOp | MaxPoolOp | SumPoolOp
-      | WindowSumPoolOp | ConcatOp | LookupOp | MulOp | ClampOp | FlattenOp | ReluOp | OutputOp)
+      | WindowSumPoolOp | FloatAvgPoolOp | ConcatOp | LookupOp | MulOp | ClampOp | FlattenOp
+      | ReluOp | OutputOp)
 
 
 @dataclass(frozen=True)

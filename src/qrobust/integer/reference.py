@@ -31,6 +31,7 @@ from qrobust.integer.program import (
     ConcatOp,
     ConvOp,
     FlattenOp,
+    FloatAvgPoolOp,
     GroupConvOp,
     InputOp,
     LinearOp,
@@ -43,6 +44,7 @@ from qrobust.integer.program import (
     RequantOp,
     SumPoolOp,
     WindowSumPoolOp,
+    float_avg_pool,
     input_codes,
     lower,
 )
@@ -139,7 +141,10 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
     of 0), that element is recomputed in int64: the result is the exact fixed-point one.
     ``values``: same-shape tensors holding integers; ``bounds``: a known bound on each one's
     ``max |v_t|`` (None: measured). Returns float32 codes (float64 for a range beyond 2^24).
-    The roundings of imported files ("tflite", "ruy") are computed in int64 throughout."""
+    The roundings of imported files follow their runtimes: "float32" (ONNX Runtime) in float32
+    (:func:`requantize_float32`), "tflite" and "ruy" in int64 throughout."""
+    if op.rounding == "float32":
+        return requantize_float32(values, op)
     if op.rounding != "fixed":
         out = _requantize_integer(values, op)
         small = max(abs(op.lo), abs(op.hi)) <= EXACT_INTEGERS[torch.float32]
@@ -179,6 +184,20 @@ def requantize(values: list[torch.Tensor], op: RequantOp,
         out = out.add_(op.zero_point) if op.zero_point else out
     small = op.sign or max(abs(op.lo), abs(op.hi)) <= EXACT_INTEGERS[torch.float32]
     return out.float() if small else out.double()
+
+
+def requantize_float32(values: list[torch.Tensor], op: RequantOp) -> torch.Tensor:
+    """ONNX Runtime's float requantization (``rounding='float32'``): each term's centred value
+    rounded to float32 (as ``float(acc)``), times its float32 multiplier, summed in float32 in
+    term order; round half to even (torch.round), clamp, add the zero point. float32 codes."""
+    t = None
+    for v, term in zip(values, op.terms, strict=True):
+        centred = (v.double() - term.zero_point).float()
+        m = channel_view(term.real_multiplier.float(), v.ndim)
+        t = centred * m if t is None else t + centred * m
+    assert t is not None
+    out = torch.round(t).clamp_(op.lo - op.zero_point, op.hi - op.zero_point)
+    return out.add_(op.zero_point)
 
 
 def _at_least(d: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
@@ -277,7 +296,7 @@ class _Executor:
                         LinearOp: self.linear, RequantOp: self.requant, MaxPoolOp: self.maxpool,
                         SumPoolOp: self.sumpool, WindowSumPoolOp: self.window_sum,
                         ConcatOp: self.concat, LookupOp: self.lookup, ClampOp: self.clamp,
-                        MulOp: self.mul,
+                        MulOp: self.mul, FloatAvgPoolOp: self.float_avg_pool,
                         FlattenOp: self.flatten, ReluOp: self.relu}
         self.tables = {op.out: op.table.float() for op in program.ops if isinstance(op, LookupOp)}
 
@@ -341,6 +360,9 @@ class _Executor:
         return F.avg_pool2d(x, op.kernel, op.stride, op.padding, count_include_pad=True,
                             divisor_override=1)
 
+    def float_avg_pool(self, op: FloatAvgPoolOp, env, pixels):
+        return torch.round(float_avg_pool(op, env[op.inp])).clamp_(op.lo, op.hi)
+
     def concat(self, op: ConcatOp, env, pixels):
         return torch.cat([env[slot] for slot in op.inps], dim=1)
 
@@ -390,6 +412,7 @@ def _pool_before_requant(ops: tuple) -> tuple:
     for i, op in enumerate(ops):
         after = readers.get(getattr(op, "out", None), [])
         if (isinstance(op, RequantOp) and len(op.terms) == 1 and not op.sign
+                and op.rounding == "fixed"
                 and len(after) == 1 and isinstance(after[0], MaxPoolOp)):
             pool = after[0]
             pooled = f"{pool.out}:accumulator"
@@ -420,7 +443,9 @@ def slot_bounds(program: Program) -> dict[str, int | None]:
 def _bounds(ops: tuple) -> dict[str, int | None]:
     bounds: dict[str, int | None] = {}
     for op in ops:
-        if isinstance(op, InputOp):
+        if isinstance(op, InputOp) and op.table is not None:
+            bounds[op.out] = _abs_max(op.table - op.zero_point.view(-1, 1))
+        elif isinstance(op, InputOp):
             zp = op.zero_point.abs().max()
             bounds[op.out] = int(max(255 - op.zero_point.min(), zp))
         elif isinstance(op, (ConvOp, GroupConvOp, LinearOp)):
@@ -442,7 +467,7 @@ def _bounds(ops: tuple) -> dict[str, int | None]:
                 (inp + abs(op.zero_point)) * op.kernel[0] * op.kernel[1])
         elif isinstance(op, LookupOp):
             bounds[op.out] = _abs_max(op.table)
-        elif isinstance(op, ClampOp):
+        elif isinstance(op, (ClampOp, FloatAvgPoolOp)):
             bounds[op.out] = max(abs(op.lo), abs(op.hi))
         elif isinstance(op, MulOp):
             a, b = (bounds[slot] for slot in op.inps)

@@ -702,7 +702,17 @@ class _Importer:
         return ok
 
 
-def _runtime(buf: bytes, kernels: str, spec: InputSpec):
+def input_table(program: Program, spec: InputSpec) -> np.ndarray:
+    """(256,) int64: the file's input code of each pixel code. A float-input file quantizes
+    ``p / 255`` itself (the program's first lookup holds what LiteRT's QUANTIZE computes); an
+    int8 / uint8 input is fed the codes :func:`pixel_codes` computes."""
+    if spec.dtype == "float32":
+        first = next(op for op in program.ops if isinstance(op, LookupOp) and op.inp == "input")
+        return first.table.numpy()
+    return pixel_codes(spec.scale, spec.zero_point, spec.dtype)
+
+
+def _runtime(buf: bytes, kernels: str, spec: InputSpec, table: np.ndarray):
     """float images (N, C, H, W) in [0, 1] -> the file's outputs (N, classes), dequantized, by
     LiteRT; pixels are snapped to the 1/255 grid (round(255 x), half up, clipped) as qrobust's
     integer models see them."""
@@ -713,10 +723,9 @@ def _runtime(buf: bytes, kernels: str, spec: InputSpec):
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     o_scale, o_zp = out["quantization"]
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x) -> np.ndarray:
         p = pixel_grid(torch.as_tensor(np.asarray(x))).numpy().transpose(0, 2, 3, 1)  # NHWC
-        feed = (_image_values()[p] if spec.dtype == "float32"
-                else spec.pixel_codes[p].astype(spec.dtype))
+        feed = (_image_values()[p] if spec.dtype == "float32" else table[p].astype(spec.dtype))
         outs = []
         for image in feed:
             interp.set_tensor(inp["index"], image[None])
@@ -729,11 +738,34 @@ def _runtime(buf: bytes, kernels: str, spec: InputSpec):
     return run
 
 
-def read_tflite(path: str | Path, kernels: str = "builtin") -> Imported:
+class TfliteRuntime:
+    """The original file under LiteRT (builtin kernels) for an imported checkpoint: float images
+    (N, C, H, W) in [0, 1] -> outputs (np.ndarray); refuses a file changed since the import."""
+
+    def __init__(self, path: str | Path, digest: str, spec: InputSpec) -> None:
+        from qrobust.integer.imports.base import check_unchanged
+
+        check_unchanged(path, digest)
+        imported = read_tflite(path)
+        self.path, self.spec, self._run = str(path), spec, imported.runtime
+
+    def __call__(self, x) -> np.ndarray:
+        return self._run(x)
+
+
+def read_tflite(path: str | Path, kernels: str = "builtin", mean: tuple[float, ...] = (0.0,),
+                std: tuple[float, ...] = (1.0,), layout: str | None = None,
+                input_shape: tuple[int, int, int] | None = None) -> Imported:
     """Import an int8 TFLite file: its integer program (bit-exact with LiteRT's ``kernels``:
-    "builtin" or "reference"), its input spec and its LiteRT runtime. Raises a one-line
-    :class:`ConfigError` for unsupported ops, malformed or truncated files."""
-    path = Path(path)
+    "builtin" or "reference"), its input spec and its LiteRT runtime. TFLite inputs are NHWC
+    (``layout`` is not asked) and read ``x = p / 255`` as it is (``mean`` 0, ``std`` 1: other
+    values are refused); ``input_shape`` (C, H, W), when given, must be the file's. Raises a
+    one-line :class:`ConfigError` for unsupported ops, malformed or truncated files."""
+    if any(float(m) != 0.0 for m in mean) or any(float(v) != 1.0 for v in std):
+        raise ConfigError("TFLite files are fed x = p / 255 as they are; --mean / --std other "
+                          "than 0 / 1 are not supported for .tflite (fold the normalization "
+                          "into the model before converting)")
+    path = Path(path).resolve()
     _resolver(kernels)
     try:
         buf = path.read_bytes()
@@ -741,13 +773,17 @@ def read_tflite(path: str | Path, kernels: str = "builtin") -> Imported:
         raise ConfigError(f"cannot read TFLite file {path}: {e.strerror}") from None
     f = _parse(buf, str(path))
     try:
-        return _import(f, path, kernels)
+        imported = _import(f, path, kernels)
     except ConfigError:
         raise
     except Exception as e:  # reads past the end or of nonsense values (LiteRT's own check too)
         what = " ".join(str(e).split())
         raise ConfigError(f"{path}: malformed or truncated TFLite file ({type(e).__name__}: "
                           f"{what})") from None
+    if input_shape is not None and tuple(input_shape) != imported.program.input_shape:
+        raise ConfigError(f"{path}: the file takes images of shape (C, H, W) = "
+                          f"{imported.program.input_shape}, the data has {tuple(input_shape)}")
+    return imported
 
 
 def _import(f: _File, path: Path, kernels: str) -> Imported:
@@ -755,14 +791,15 @@ def _import(f: _File, path: Path, kernels: str) -> Imported:
     shape = imp.input()
     imp.lower()
     i = int(f.graph.Inputs(0))
-    if imp.float_input is not None:
+    name = (f.tensors[i].Name() or b"input").decode(errors="replace")
+    if imp.float_input is not None:  # the file reads x = p / 255 and quantizes it itself
         first = next(op for op in imp.ops if isinstance(op, LookupOp) and op.inp == "input")
         scale, zp = imp.codes[first.out].scale, imp.codes[first.out].zero_point
-        spec = InputSpec("NHWC", shape[1:], "float32", scale, zp, first.table.numpy())
+        spec = InputSpec((0.0,), (1.0,), "NHWC", name, scale, zp, "float32")
     else:
-        dtype = f.type(i).lower()
         scale, zp = imp.out_quant(i, ("INT8", "UINT8"))
-        spec = InputSpec("NHWC", shape[1:], dtype, scale, zp, pixel_codes(scale, zp, dtype))
+        spec = InputSpec((0.0,), (1.0,), "NHWC", name, scale, zp, f.type(i).lower())
     program = Program(tuple(imp.ops), (shape[3], shape[1], shape[2]), imp.codes)
-    runtime = _runtime(f.buf, kernels, spec)  # LiteRT loads the whole file: its check too
+    table = input_table(program, spec)
+    runtime = _runtime(f.buf, kernels, spec, table)  # LiteRT loads the whole file: its check too
     return Imported(program, spec, str(path), hashlib.sha256(f.buf).hexdigest(), "tflite", runtime)

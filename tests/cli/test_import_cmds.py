@@ -1,0 +1,189 @@
+"""`qrobust import` end to end on digits (a small-cnn quantized by ONNX Runtime, not by qrobust),
+the imported checkpoint under `qrobust attack`, and bad input: one line, exit 2, nothing
+written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from qrobust.checkpoint import load_checkpoint
+from qrobust.cli import main
+from qrobust.data import load_dataset, take
+from qrobust.errors import CheckpointError
+from qrobust.integer.imports import ProgramTwin, integer_model, runtime
+
+ort_q = pytest.importorskip("onnxruntime.quantization")
+
+
+def export(model: nn.Module, path: Path, shape, dynamic_hw: bool = False) -> Path:
+    axes = {"x": {0: "n", 2: "h", 3: "w"} if dynamic_hw else {0: "n"}, "y": {0: "n"}}
+    torch.onnx.export(model.eval(), torch.rand(1, *shape), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    return path
+
+
+def quantize(float_path: Path, path: Path, calib: np.ndarray) -> Path:
+    class Reader(ort_q.CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": calib[i:i + 64]} for i in range(0, len(calib), 64)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    ort_q.quantize_static(str(float_path), str(path), Reader(),
+                          quant_format=ort_q.QuantFormat.QDQ, per_channel=True,
+                          weight_type=ort_q.QuantType.QInt8, reduce_range=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_file(tmp_path_factory, digits, digits_cnn):
+    """digits_cnn (its Normalize layer exported as float ops on the input) quantized by ORT."""
+    tmp = tmp_path_factory.mktemp("import")
+    calib = take(digits.train, 256, seed=1).tensors()[0].numpy()
+    float_path = export(digits_cnn.model, tmp / "cnn.float.onnx", (1, 8, 8))
+    return quantize(float_path, tmp / "cnn.onnx", calib)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_import_then_attack_replays_on_the_file(tmp_path, capsys, digits_file):
+    out = tmp_path / "imported"
+    assert main(["-q", "import", str(digits_file), "--data", "digits", "--out", str(out),
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["same_prediction"] >= 0.999 and got["max_code_diff"] == 0, got
+    assert got["clean_acc_runtime"] > 0.85 and got["clean_acc_integer"] > 0.85, got
+
+    twin, meta = load_checkpoint(out)
+    assert isinstance(twin, ProgramTwin) and meta["kind"] == "imported"
+    x, _ = take(load_dataset("digits").test, 200).tensors()
+    with torch.no_grad():
+        same = (twin(x).argmax(1) == integer_model(twin)(x).argmax(1)).float().mean()
+    assert float(same) == 1.0
+    assert (runtime(twin)(x).argmax(1) == integer_model(twin)(x).argmax(1).numpy()).mean() >= 0.99
+
+    assert main(["-q", "attack", "--ckpt", str(out), "--attack", "pgd", "--eps", "0.1",
+                 "--steps", "5", "--limit", "64", "--checks", "none", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["quantized"] and res["clean_acc_int"] is not None
+    assert 0 <= res["n_fool_runtime"] <= res["n_fool_twin"] and res["n_fool_twin"] > 0, res
+    assert res["robust_acc_runtime"] <= res["clean_acc_runtime"]
+
+    assert main(["attack", "--ckpt", str(out), "--attack", "fgsm", "--eps", "0.05",
+                 "--limit", "32", "--checks", "none"]) == 0
+    assert "still fool it" in capsys.readouterr().out
+
+
+def test_runtime_refuses_a_changed_file(tmp_path, digits_file):
+    src = tmp_path / "copy.onnx"
+    src.write_bytes(digits_file.read_bytes())
+    out = tmp_path / "ckpt"
+    assert main(["-q", "import", str(src), "--data", "digits", "--out", str(out),
+                 "--limit", "50"]) == 0
+    twin, _ = load_checkpoint(out)
+    src.write_bytes(src.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError, match="changed since it was imported"):
+        runtime(twin)
+    src.unlink()
+    with pytest.raises(CheckpointError, match="gone"):
+        runtime(twin)
+
+
+class Padded(nn.Module):
+    def __init__(self, size: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * (size + 2) ** 2, 10)
+
+    def forward(self, x):
+        y = nn.functional.pad(torch.relu(self.conv(x)), (1, 1, 1, 1))
+        return self.fc(y.flatten(1))
+
+
+class Plain(nn.Module):
+    def __init__(self, channels: int = 1, size: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * size * size, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, a phrase its error must contain)."""
+    g = np.random.default_rng(0)
+    torch.manual_seed(0)
+    files = {}
+    calib = g.random((64, 1, 8, 8)).astype(np.float32)
+    files["unsupported"] = (quantize(export(Padded(), tmp / "pad.f.onnx", (1, 8, 8)),
+                                     tmp / "pad.onnx", calib), "unsupported op Pad (node '")
+    float_file = export(Plain(), tmp / "plain.float.onnx", (1, 8, 8))
+    files["float"] = (float_file, "float ONNX model")
+    trunc = tmp / "trunc.onnx"
+    trunc.write_bytes(float_file.read_bytes()[:300])
+    files["truncated"] = (trunc, "not a readable ONNX file")
+    good = quantize(float_file, tmp / "plain.onnx", calib)
+    ext_dir = tmp / "ext"
+    ext_dir.mkdir()
+    model = onnx.load(str(good))
+    onnx.save_model(model, str(ext_dir / "ext.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    (ext_dir / "ext.data").unlink()
+    files["external"] = (ext_dir / "ext.onnx", "external data")
+    rgb = g.random((64, 3, 8, 8)).astype(np.float32)
+    files["size"] = (quantize(export(Plain(3), tmp / "rgb.f.onnx", (3, 8, 8)), tmp / "rgb.onnx",
+                              rgb), "the dataset's images are (1, 8, 8)")
+    big = g.random((64, 1, 16, 16)).astype(np.float32)
+    files["dynamic"] = (quantize(export(Plain(1, 16), tmp / "dyn.f.onnx", (1, 16, 16),
+                                        dynamic_hw=True), tmp / "dyn.onnx", big),
+                        "another input size than the dataset's")
+    return files
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    return bad_files(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("case", ["unsupported", "float", "truncated", "external", "size",
+                                  "dynamic"])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, bad, case):
+    path, phrase = bad[case]
+    out = tmp_path / "out"
+    assert main(["import", str(path), "--data", "digits", "--out", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert phrase in err, err
+    assert not out.exists()
+
+
+def test_unsupported_op_names_the_supported_list(capsys, tmp_path, bad):
+    main(["import", str(bad["unsupported"][0]), "--data", "digits", "--out", str(tmp_path / "o")])
+    err = one_line_error(capsys)
+    assert "supported: " in err and "QLinearConv" in err
+
+
+def test_bad_options_exit_2(tmp_path, capsys, digits_file):
+    out = tmp_path / "o"
+    assert main(["import", str(digits_file), "--data", "digits", "--out", str(out),
+                 "--mean", "0.1,0.2"]) == 2
+    assert "--mean has 2 values" in one_line_error(capsys)
+    assert main(["import", str(digits_file), "--data", "digits", "--out", str(out),
+                 "--layout", "NWHC"]) == 2
+    assert "layout" in one_line_error(capsys)
+    assert main(["import", str(tmp_path / "model.tflite2"), "--data", "digits", "--out",
+                 str(out)]) == 2
+    assert "unknown suffix" in one_line_error(capsys)
+    assert not out.exists()
