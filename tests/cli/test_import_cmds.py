@@ -187,3 +187,25 @@ def test_bad_options_exit_2(tmp_path, capsys, digits_file):
                  str(out)]) == 2
     assert "unknown suffix" in one_line_error(capsys)
     assert not out.exists()
+
+
+def test_tflite_import_then_attack_replays_on_litert(tmp_path, capsys):
+    """A TFLite file made by TensorFlow's converter (committed fixture) through the same flow:
+    bit-exact import, the twin's adversarial examples replayed on LiteRT."""
+    pytest.importorskip("ai_edge_litert")
+    fixture = Path(__file__).resolve().parents[1] / "integer" / "fixtures" / "cnn_digits_int8.tflite"
+    out = tmp_path / "imported-tflite"
+    assert main(["-q", "import", str(fixture), "--data", "digits", "--out", str(out),
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    # the file ends with a softmax that the program leaves out: predictions compare, codes not
+    assert got["same_prediction"] == 1.0 and got["max_code_diff"] is None, got
+    assert main(["-q", "attack", "--ckpt", str(out), "--attack", "pgd", "--eps", "0.1",
+                 "--steps", "5", "--limit", "64", "--checks", "none", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_fool_twin"] > 0 and 0 <= res["n_fool_runtime"] <= res["n_fool_twin"], res
+    # the program is bit-exact with LiteRT: what fools the integer program fools the file
+    assert res["robust_acc_runtime"] == pytest.approx(res["robust_acc_int"]), res
+    assert main(["-q", "import", str(fixture), "--data", "digits", "--mean", "0.5",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "mean" in one_line_error(capsys) and not (tmp_path / "bad").exists()

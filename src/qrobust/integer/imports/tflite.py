@@ -802,4 +802,5 @@ def _import(f: _File, path: Path, kernels: str) -> Imported:
     program = Program(tuple(imp.ops), (shape[3], shape[1], shape[2]), imp.codes)
     table = input_table(program, spec)
     runtime = _runtime(f.buf, kernels, spec, table)  # LiteRT loads the whole file: its check too
-    return Imported(program, spec, str(path), hashlib.sha256(f.buf).hexdigest(), "tflite", runtime)
+    return Imported(program, spec, str(path), hashlib.sha256(f.buf).hexdigest(), "tflite", runtime,
+                    runtime_softmax=imp.softmax_out is not None)
