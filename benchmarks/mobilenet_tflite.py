@@ -11,8 +11,9 @@ file it writes (about 150 KB) is committed, so nothing else needs TensorFlow.
 
 The network mirrors benchmarks/mobilenet_cifar.py (inverted residuals: 1x1 expand, 3x3
 depthwise, ReLU6, 1x1 linear projection, residual add; 'same' padding as Keras does it) and
-takes normalized float images (x - MEAN) / STD in NHWC; the file keeps float input and
-output (QUANTIZE / DEQUANTIZE at its ends), as deployed classifiers often do.
+takes float images x = p / 255 in [0, 1], NHWC (the stem's batch norm does the
+normalization); the file keeps float input and output (QUANTIZE / DEQUANTIZE at its ends), as
+deployed classifiers often do.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # the file reads x = p / 255 as it is
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10_train50k_test1k.npz"
 OUT = ROOT / "benchmarks" / "models" / "mbv2-cifar10"
@@ -55,8 +56,7 @@ def mobilenet_v2_cifar(classes: int = 10) -> tf.keras.Model:
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
-    return ((images.astype(np.float32) / 255 - np.array(MEAN, np.float32))
-            / np.array(STD, np.float32))
+    return images.astype(np.float32) / 255
 
 
 def main(argv: list[str] | None = None) -> int:
