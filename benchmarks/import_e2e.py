@@ -75,12 +75,10 @@ def cli(args: list[str]) -> dict:
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
-def run_file(path: Path, layout: str, work: Path, limit: int, steps: int) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from mobilenet_cifar import MEAN, STD
-
+def run_file(path: Path, layout: str, mean: tuple, std: tuple, work: Path, limit: int,
+             steps: int) -> dict:
     ckpt = work / f"{path.stem}-imported"
-    mean, std = ",".join(map(str, MEAN)), ",".join(map(str, STD))
+    mean, std = ",".join(map(str, mean)), ",".join(map(str, std))
     start = time.perf_counter()
     agreement = cli(["import", str(path), "--data", "cifar10", "--mean", mean, "--std", std,
                      "--layout", layout, "--out", str(ckpt)])
@@ -105,9 +103,9 @@ def table(rows: list[dict]) -> str:
         for eps, res in r["attacks"].items():
             n_twin, n_rt = res.get("n_fool_twin"), res.get("n_fool_runtime")
             rate = f"{n_rt / n_twin:.3f}" if n_twin else "n/a"
-            lines.append(f"| {r['file']} | {r['runtime']} | {a.get('identical_predictions')} | "
+            lines.append(f"| {r['file']} | {r['runtime']} | {a.get('same_prediction')} | "
                          f"{a.get('max_code_diff')} | {a.get('clean_acc_runtime')} | "
-                         f"{a.get('clean_acc_program')} | {eps} | {res['robust_acc']:.3f} | "
+                         f"{a.get('clean_acc_integer')} | {eps} | {res['robust_acc']:.3f} | "
                          f"{res.get('robust_acc_runtime', float('nan')):.3f} | {n_twin} | {n_rt} | "
                          f"{rate} |")
     return "\n".join(lines) + "\n"
@@ -117,17 +115,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=500, help="test points attacked")
     parser.add_argument("--steps", type=int, default=10, help="PGD iterations")
+    parser.add_argument("--formats", nargs="*", default=["onnx", "tflite"])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "import-e2e")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "import_e2e.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     args.work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mobilenet_cifar import MEAN, STD
+
     rows = []
-    onnx_file = quantize_onnx(args.work)
-    rows.append({"runtime": "ONNX Runtime", **run_file(onnx_file, "NCHW", args.work, args.limit,
-                                                       args.steps)})
-    rows.append({"runtime": "LiteRT", **run_file(MODELS / "model_int8.tflite", "NHWC", args.work,
-                                                 args.limit, args.steps)})
+    if "onnx" in args.formats:  # the file reads (x - MEAN) / STD
+        onnx_file = quantize_onnx(args.work)
+        rows.append({"runtime": "ONNX Runtime", **run_file(onnx_file, "NCHW", MEAN, STD,
+                                                           args.work, args.limit, args.steps)})
+    if "tflite" in args.formats:  # the Keras model reads x = p / 255
+        rows.append({"runtime": "LiteRT", **run_file(MODELS / "model_int8.tflite", "NHWC",
+                                                     (0.0,), (1.0,), args.work, args.limit,
+                                                     args.steps)})
     from qrobust.provenance import provenance
 
     report = {"limit": args.limit, "pgd_steps": args.steps, "rows": rows,
