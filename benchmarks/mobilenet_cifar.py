@@ -63,21 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-images", type=int, default=None, help="first N training images")
     args = parser.parse_args(argv)
     data = load_dataset("cifar10")
+    train_split = data.train if args.train_images is None else data.train.subset(slice(0, args.train_images))
     torch.manual_seed(args.seed)
     net = mobilenet_v2_cifar()
     model = nn.Sequential(Normalize(MEAN, STD), net)  # trains on [0, 1] images
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.1, weight_decay=4e-5,
                       crop_padding=4, flip=True, val_fraction=0.0, seed=args.seed)
     start = time.perf_counter()
-    train(model, data.train, None, cfg)
+    train(model, train_split, None, cfg)
     acc = accuracy(model, data.test)
     OUT.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, OUT / "model.safetensors")
     (OUT / "meta.json").write_text(json.dumps({
         "factory": "mobilenet_cifar:mobilenet_v2_cifar", "mean": MEAN, "std": STD,
         "test_accuracy_float": acc, "n_test": len(data.test), "epochs": args.epochs,
+        "train_images": len(train_split),
         "train_seconds": round(time.perf_counter() - start, 1),
         "command": "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mobilenet_cifar.py "
                    + " ".join(sys.argv[1:])}, indent=1))

@@ -63,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-images", type=int, default=50000, help="first N training images")
     args = parser.parse_args(argv)
     tf.keras.utils.set_random_seed(args.seed)
     data = np.load(DATA)
-    x_train, y_train = normalize(data["x_train"]), data["y_train"]
+    x_train = normalize(data["x_train"][:args.train_images])
+    y_train = data["y_train"][:args.train_images]
     x_test, y_test = normalize(data["x_test"]), data["y_test"]
     model = mobilenet_v2_cifar()
     steps = args.epochs * (len(x_train) // 128)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                   loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     augment = tf.keras.Sequential([L.RandomFlip("horizontal"), L.RandomTranslation(0.125, 0.125)])
-    train = (tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(50000, seed=args.seed)
+    train = (tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(len(x_train), seed=args.seed)
              .batch(128, drop_remainder=True).map(lambda x, y: (augment(x, training=True), y)))
     start = time.perf_counter()
     model.fit(train, epochs=args.epochs, verbose=2)
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     (OUT / "model_int8.tflite").write_bytes(converter.convert())
     (OUT / "tflite_meta.json").write_text(json.dumps({
         "mean": MEAN, "std": STD, "layout": "NHWC", "keras_test_accuracy_float": acc,
-        "n_test": len(y_test), "epochs": args.epochs, "tensorflow": tf.__version__,
+        "n_test": len(y_test), "epochs": args.epochs, "train_images": len(x_train),
+        "tensorflow": tf.__version__,
         "train_seconds": round(time.perf_counter() - start, 1),
         "command": "/tmp/tfvenv/bin/python benchmarks/mobilenet_tflite.py " + " ".join(sys.argv[1:])},
         indent=1))
