@@ -134,9 +134,9 @@ def attack_cmd(
         result["warnings"].append("the twin's adversarial examples are not replayed on the "
                                   "original file behind defenses")
     elif file_model is not None:
-        from qrobust.integer.imports.checkpoint import replay
+        from qrobust.attacks.transfer import replay_on_runtime
 
-        result.update(replay(target, file_model, x, y, cell.x_adv, batch_size))
+        result.update(replay_on_runtime(target, file_model, x, y, cell.x_adv, batch_size))
     if as_json:
         typer.echo(json.dumps(result, default=str))
         return

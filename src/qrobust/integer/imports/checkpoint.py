@@ -90,26 +90,3 @@ class RuntimeModel(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.run(x), dtype=np.float32)).reshape(len(x), -1)
-
-
-@torch.no_grad()
-def replay(twin: nn.Module, file_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-           x_adv: torch.Tensor, batch_size: int = 256) -> dict:
-    """Adversarial examples found on the twin, replayed on the original file's runtime.
-
-    ``clean_acc_runtime`` / ``robust_acc_runtime``: the runtime on x / on x_adv;
-    ``n_fool_twin``: points the twin got right whose x_adv fools it; ``n_fool_runtime``: of
-    those, how many still fool the runtime; ``transfer_rate_runtime`` (of those the runtime
-    got right, the share fooled: :func:`qrobust.attacks.transfer.transfer_metrics`)."""
-    from qrobust.attacks.evaluate import predict
-    from qrobust.attacks.transfer import transfer_metrics
-
-    twin_clean, twin_adv = predict(twin, x, batch_size), predict(twin, x_adv, batch_size)
-    rt_clean, rt_adv = predict(file_model, x, batch_size), predict(file_model, x_adv, batch_size)
-    attacked = twin_clean == y
-    t = transfer_metrics(y, twin_clean, twin_adv, rt_clean, rt_adv, attacked)
-    fooled = attacked & (twin_adv != y)
-    return {"clean_acc_runtime": t["integer_clean_acc"],
-            "robust_acc_runtime": t["integer_robust_acc"],
-            "transfer_rate_runtime": t["transfer_rate"],
-            "n_fool_twin": int(fooled.sum()), "n_fool_runtime": int((fooled & (rt_adv != y)).sum())}
