@@ -37,20 +37,20 @@ L = tf.keras.layers
 def inverted_residual(x, c_out: int, stride: int, expand: int):
     c_in = x.shape[-1]
     y = L.Conv2D(c_in * expand, 1, use_bias=False)(x)
-    y = L.ReLU(6.0)(L.BatchNormalization()(y))
+    y = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9)(y))
     y = L.DepthwiseConv2D(3, stride, padding="same", use_bias=False)(y)
-    y = L.ReLU(6.0)(L.BatchNormalization()(y))
-    y = L.BatchNormalization()(L.Conv2D(c_out, 1, use_bias=False)(y))
+    y = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9)(y))
+    y = L.BatchNormalization(momentum=0.9)(L.Conv2D(c_out, 1, use_bias=False)(y))
     return L.Add()([x, y]) if stride == 1 and c_in == c_out else y
 
 
 def mobilenet_v2_cifar(classes: int = 10) -> tf.keras.Model:
     inp = L.Input((32, 32, 3))
-    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(16, 3, padding="same", use_bias=False)(inp)))
+    x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9)(L.Conv2D(16, 3, padding="same", use_bias=False)(inp)))
     for c_out, stride, expand in ((16, 1, 2), (24, 2, 4), (24, 1, 4), (32, 2, 4), (32, 1, 4),
                                   (64, 2, 4), (64, 1, 4)):
         x = inverted_residual(x, c_out, stride, expand)
-    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(128, 1, use_bias=False)(x)))
+    x = L.ReLU(6.0)(L.BatchNormalization(momentum=0.9)(L.Conv2D(128, 1, use_bias=False)(x)))
     x = L.Dense(classes)(L.GlobalAveragePooling2D()(x))
     return tf.keras.Model(inp, x)
 

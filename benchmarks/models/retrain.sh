@@ -12,3 +12,8 @@ $Q train --model resnet20 --data cifar10 --epochs 3 --lr 0.05 --noise-sigma 0.25
 # QA-IBP certified MNIST models (MLP 784-64-10 and small-cnn width 8, w8a8 per tensor, ReLU6
 # range; MLPs at eps 0.03 and 0.15, the CNN at 0.15): verified by benchmarks/certified_mnist.py verify
 .venv/bin/python benchmarks/certified_mnist.py train
+# MobileNetV2-style CIFAR-10 models for benchmarks/import_e2e.py, trained briefly (2 epochs on the
+# first 10,000 images): the torch one (exported to ONNX and quantized by ORT at run time) and the
+# Keras one, converted to int8 TFLite by TensorFlow (needs a separate TensorFlow venv: see the script)
+OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mobilenet_cifar.py --epochs 2 --train-images 10000
+/tmp/tfvenv/bin/python benchmarks/mobilenet_tflite.py --epochs 2 --train-images 10000
