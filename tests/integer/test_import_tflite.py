@@ -316,3 +316,21 @@ def test_not_a_tflite_file(tmp_path):
 def test_unknown_kernels():
     with pytest.raises(ConfigError, match="unknown TFLite kernels 'xnnpack'; valid: builtin"):
         read_tflite(FIXTURES / "mlp_digits_int8.tflite", kernels="xnnpack")
+
+
+@pytest.mark.parametrize("name", ["cnn_digits_int8.tflite", "mlp_digits_int8.tflite",
+                                  "se_block_int8.tflite", "cnn_float_io.tflite"])
+def test_program_twin_equals_the_program_and_has_gradients(name):
+    """The twin of an imported TFLite program computes the executor's exact logits (the
+    two-step roundings come from the executor; the float line gives the gradient)."""
+    from qrobust.integer.base import pixel_codes as grid
+    from qrobust.integer.imports import ProgramIntegerModel, program_twin
+
+    imp = read_tflite(FIXTURES / name)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand((64, *imp.program.input_shape), generator=gen, requires_grad=True)
+    out = program_twin(imp.program, imp.input)(x)
+    exact = ProgramIntegerModel(imp.program).forward_pixels(grid(x.detach()))
+    assert torch.equal(out.detach().float(), exact.float())
+    out[:, 0].sum().backward()
+    assert float(x.grad.abs().sum()) > 0

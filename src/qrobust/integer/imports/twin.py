@@ -185,6 +185,12 @@ class ProgramTwin(nn.Module):
             m = _view(term.real_multiplier.to(torch.float64 if wide else torch.float32), v.ndim)
             t = v * m if t is None else t + v * m
         assert t is not None
+        if op.rounding in ("tflite", "ruy"):  # two-step fixed point: the executor's exact codes,
+            from qrobust.integer.reference import requantize  # the float line's gradient
+
+            exact = requantize([env[term.slot].detach() for term in op.terms], op).to(t.dtype)
+            line = t.clamp(op.lo - op.zero_point, op.hi - op.zero_point) + op.zero_point
+            return _ste(line, exact).float()
         rounded = torch.floor(t + 0.5) if wide else torch.round(t)
         q = _ste(t, rounded).clamp(op.lo - op.zero_point, op.hi - op.zero_point) + op.zero_point
         return q.float()
