@@ -66,23 +66,14 @@ def fit_certified(arch: str, data, cfg, eps: float, recipe: str = DEFAULT_RECIPE
     ``data``. ``ramp_epochs`` defaults to half the epochs after the warm-up. Returns
     :class:`qrobust.train.Fitted` (the twin; save it with ``kind="quantized"``) whose metadata
     adds ``quant = {"recipe": ..., "certified": {...}}``."""
-    from qrobust.models import build_model
-    from qrobust.quant import quantize
-    from qrobust.train import fit, model_spec
+    from qrobust.defenses.dq import fit_twin
 
     # no early stopping or best-validation restore: clean accuracy peaks before the ramp ends
     cfg = replace(cfg, val_fraction=0.0, patience=None)
-    torch.manual_seed(cfg.seed)
-    float_model = (init if init is not None
-                   else build_model(model_spec(arch, data, **(arch_params or {}))))
-    calib, _ = data.train.subset(slice(0, 512)).tensors()
-    twin = quantize(float_model, recipe, calib)
     steps = -(-len(data.train) // cfg.batch_size)
     ramp = ramp_epochs if ramp_epochs is not None else max(cfg.epochs - warmup_epochs, 1) / 2
     term = IntervalLoss(eps, int(warmup_epochs * steps), int(ramp * steps), weight)
-    fitted = fit(arch, data, cfg, extra_losses=[term], progress=progress, model=twin,
-                 arch_params=arch_params)
-    fitted.meta["quant"] = {"recipe": twin.recipe.to_dict(),
-                            "certified": {"method": "qa-ibp", "eps": eps, "weight": weight,
-                                          "warmup_epochs": warmup_epochs, "ramp_epochs": ramp}}
+    fitted = fit_twin(arch, data, cfg, recipe, [term], init, progress, arch_params)
+    fitted.meta["quant"]["certified"] = {"method": "qa-ibp", "eps": eps, "weight": weight,
+                                         "warmup_epochs": warmup_epochs, "ramp_epochs": ramp}
     return fitted

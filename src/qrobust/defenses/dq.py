@@ -131,18 +131,31 @@ def fit_dq(arch: str, data, cfg, wbits: int = 4, abits: int = 4, beta: float = 3
     adds ``quant = {"recipe": ..., "dq": {"wbits", "abits", "beta"}}``: save it as the
     quantization module's checkpoint kind, ``save_checkpoint(out, model, meta, kind="quantized")``.
     """
+    terms = [LipschitzRegularizer(beta)] if beta > 0 else []
+    fitted = fit_twin(arch, data, cfg, dq_recipe(wbits, abits), terms, init, progress,
+                      arch_params)
+    fitted.meta["quant"]["dq"] = {"wbits": wbits, "abits": abits, "beta": beta}
+    return fitted
+
+
+def fit_twin(arch: str, data, cfg, recipe: str, extra_losses=(), init: nn.Module | None = None,
+             progress: bool | None = None, arch_params: dict | None = None):
+    """Quantization-aware training with the one training loop: the float model ``init`` (else
+    a fresh ``arch`` seeded with ``cfg.seed``) quantized with ``recipe``, calibrated on the
+    first 512 training images, trained with ``extra_losses``. Returns
+    :class:`qrobust.train.Fitted` with ``meta["quant"] = {"recipe": ...}`` (the shared path
+    of DQ and certified training)."""
     from qrobust.models import build_model
+    from qrobust.quant import quantize
     from qrobust.train import fit, model_spec
 
     torch.manual_seed(cfg.seed)
     float_model = (init if init is not None
                    else build_model(model_spec(arch, data, **(arch_params or {}))))
     calib, _ = data.train.subset(slice(0, 512)).tensors()
-    twin = dq_model(float_model, wbits, abits, calib)
-    terms = [LipschitzRegularizer(beta)] if beta > 0 else []
-    fitted = fit(arch, data, cfg, extra_losses=terms, progress=progress, model=twin,
-                 arch_params=arch_params)
-    fitted.meta["quant"] = {"recipe": twin.recipe.to_dict(),
-                            "dq": {"wbits": wbits, "abits": abits, "beta": beta}}
+    twin = quantize(float_model, recipe, calib)
+    fitted = fit(arch, data, cfg, extra_losses=list(extra_losses), progress=progress,
+                 model=twin, arch_params=arch_params)
+    fitted.meta["quant"] = {"recipe": twin.recipe.to_dict()}
     return fitted
 

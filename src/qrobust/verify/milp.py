@@ -135,7 +135,6 @@ def _neuron(model: _Model, st: Step, i: int, expr: tuple[dict, float],
         q_range = [((m * (v - z_t) + (1 << (s - 1))) >> s) + z for v in (v_lo, v_hi)]
         lo, hi = op.lo, op.hi
     else:  # ReLU on codes
-        z = 0
         q_range, lo, hi = [v_lo, v_hi], op.zero_point, max(v_hi, op.zero_point)
     q = model.var(*q_range)
     if isinstance(op, RequantOp):

@@ -712,11 +712,13 @@ def input_table(program: Program, spec: InputSpec) -> np.ndarray:
     return pixel_codes(spec.scale, spec.zero_point, spec.dtype)
 
 
-def _runtime(buf: bytes, kernels: str, spec: InputSpec, table: np.ndarray):
+def _runtime(buf: bytes, kernels: str, spec: InputSpec):
     """float images (N, C, H, W) in [0, 1] -> the file's outputs (N, classes), dequantized, by
     LiteRT; pixels are snapped to the 1/255 grid (round(255 x), half up, clipped) as qrobust's
-    integer models see them."""
+    integer models see them. A float input is fed p / 255, an int8 / uint8 one the codes of
+    :func:`pixel_codes`."""
     _, interpreter, _ = _need_packages()
+    table = None if spec.dtype == "float32" else pixel_codes(spec.scale, spec.zero_point, spec.dtype)
     interp = interpreter.Interpreter(model_content=buf,
                                      experimental_op_resolver_type=_resolver(kernels))
     interp.allocate_tensors()
@@ -746,8 +748,8 @@ class TfliteRuntime:
         from qrobust.integer.imports.base import check_unchanged
 
         check_unchanged(path, digest)
-        imported = read_tflite(path)
-        self.path, self.spec, self._run = str(path), spec, imported.runtime
+        self.path, self.spec = str(path), spec
+        self._run = _runtime(Path(path).read_bytes(), "builtin", spec)
 
     def __call__(self, x) -> np.ndarray:
         return self._run(x)
@@ -800,7 +802,6 @@ def _import(f: _File, path: Path, kernels: str) -> Imported:
         scale, zp = imp.out_quant(i, ("INT8", "UINT8"))
         spec = InputSpec((0.0,), (1.0,), "NHWC", name, scale, zp, f.type(i).lower())
     program = Program(tuple(imp.ops), (shape[3], shape[1], shape[2]), imp.codes)
-    table = input_table(program, spec)
-    runtime = _runtime(f.buf, kernels, spec, table)  # LiteRT loads the whole file: its check too
+    runtime = _runtime(f.buf, kernels, spec)  # LiteRT loads the whole file: its check too
     return Imported(program, spec, str(path), hashlib.sha256(f.buf).hexdigest(), "tflite", runtime,
                     runtime_softmax=imp.softmax_out is not None)
