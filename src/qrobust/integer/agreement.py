@@ -30,7 +30,7 @@ def twin_codes(twin: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
     def recorder(key: str):
         def hook(mod, _inp, y):
-            out[key] = (round_half_up(y / mod.scale) + mod.zero_point).long()
+            out[key] = (round_half_up(y / mod.scale.detach()) + mod.zero_point).long()
         return hook
 
     hooks = [m.register_forward_hook(recorder(name.replace(".", "_")))

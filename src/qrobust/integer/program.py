@@ -575,7 +575,7 @@ class _Lowering:
         if not bool(q.calibrated):
             raise ConfigError("the twin is not calibrated; quantize it with calib=images first")
         v = self.value(node)
-        s_out, z_out = float(q.scale), int(round(float(q.zero_point)))
+        s_out, z_out = float(q.scale.detach()), int(round(float(q.zero_point)))
         if isinstance(v, Joined):  # each part to the shared scale, then join the codes
             parts = [self.requant_to(f"{node.name}:part{i}", p, spec, s_out, z_out, channels)
                      for i, (p, channels) in enumerate(zip(v.parts, v.channels, strict=True))]

@@ -98,6 +98,14 @@ def scale_accumulator(acc: torch.Tensor, bias_codes: torch.Tensor | None,
     return _ScaleAccumulator.apply(acc, bias_codes, s)
 
 
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` in the forward pass, its gradient times ``factor`` in the backward pass (LSQ's
+    step-size gradient scaling, ``1 / sqrt(n qmax)``: keeps the scale's updates in proportion
+    to the weights' whatever the layer's size and bit width)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
 def stochastic_round(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Unbiased stochastic rounding: ``floor(x + u)``, u ~ U[0, 1), so E[result] = x.
 

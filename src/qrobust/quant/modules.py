@@ -8,6 +8,11 @@
 * :class:`QuantAct`: activation fake-quant with a calibrated scale / zero point (buffers).
 * :class:`QuantConv2d`, :class:`QuantLinear`: weights fake-quantized on the fly from the
   current float weights (observer run under no_grad), so QAT trains the float weights.
+* ``learned`` specs (LSQ, Esser et al. 2020, arXiv 1902.08153): the scale is an
+  ``nn.Parameter`` initialised by the observer; in training mode it gets LSQ's gradient
+  (through the rounding by STE, through the clamp exactly) scaled by ``1 / sqrt(n qmax)``,
+  and layers take the plain fake-quant path (the exact accumulator path treats scales as
+  constants). In eval mode a learned scale is a constant like any other.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from qrobust.errors import ConfigError
 from qrobust.quant.functional import (
     codes_ste,
     fake_quantize,
+    grad_scale,
     quantize_codes,
     round_ste,
     scale_accumulator,
@@ -31,6 +37,13 @@ from qrobust.quant.spec import QuantSpec
 
 PIXEL_LEVELS = 255
 CALIB_SAMPLE = 2**18  # values kept per calibration batch (strided subsample + exact extremes)
+MIN_SCALE = 1e-8  # a learned scale is kept positive
+
+
+def lsq_scale(scale: torch.Tensor, per_scale: int, spec: QuantSpec) -> torch.Tensor:
+    """A learned scale as used in training: positive, with LSQ's gradient scale
+    ``1 / sqrt(per_scale qmax)`` (``per_scale``: values quantized with each scale)."""
+    return grad_scale(scale.clamp(min=MIN_SCALE), 1.0 / math.sqrt(per_scale * max(spec.qmax, 1)))
 
 
 class QuantInput(nn.Module):
@@ -97,7 +110,10 @@ class QuantAct(nn.Module):
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.register_buffer("scale", torch.ones(()))
+        if spec.learned:  # same state-dict key as the buffer: checkpoints load either way
+            self.scale = nn.Parameter(torch.ones(()))
+        else:
+            self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("calibrated", torch.tensor(False))
         self.observing = False
@@ -106,6 +122,7 @@ class QuantAct(nn.Module):
         if spec.clip is not None:
             self._set(*observe(torch.zeros(1), spec))
 
+    @torch.no_grad()
     def _set(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         self.scale.copy_(scale.reshape(()))
         self.zero_point.copy_(zero_point.reshape(()))
@@ -121,7 +138,14 @@ class QuantAct(nn.Module):
             raise ConfigError("activation quantizers are not calibrated: pass calibration images "
                               "to quantize(model, recipe, calib=x) or load a quantized checkpoint")
         gen = self.generator if self.training else None
-        return fake_quantize(x, self.spec, self.scale, self.zero_point, gen)
+        scale = (lsq_scale(self.scale, x[0].numel(), self.spec) if self.learning
+                 else self.scale.detach())
+        return fake_quantize(x, self.spec, scale, self.zero_point, gen)
+
+    @property
+    def learning(self) -> bool:
+        """Whether the scale is being trained (a learned spec, in training mode)."""
+        return self.spec.learned and self.training
 
     def finish_calibration(self) -> None:
         if self.spec.clip is None and self._seen:
@@ -147,14 +171,23 @@ class _WeightQuant:
     bspec: QuantSpec | None
     generator: torch.Generator | None
     input_quant: list[nn.Module]
+    weight_scale: nn.Parameter  # learned specs only (LSQ)
+    weight_zero: torch.Tensor
 
     def _exact(self) -> bool:
-        return self.wspec is not None and bool(self.input_quant)
+        return self.wspec is not None and bool(self.input_quant) and not self._learning()
+
+    def _learning(self) -> bool:
+        """LSQ training: this layer's or its input's scale is trained."""
+        if not getattr(self, "training", False):
+            return False
+        return (self.wspec is not None and self.wspec.learned) or any(
+            getattr(q, "learning", False) for q in self.input_quant)
 
     def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Centred input codes and centred weight codes (float32 integers, STE) and the
         accumulator scale s_x s_w (O,) in float64."""
-        s_x = self.input_quant[0].scale
+        s_x = self.input_quant[0].scale.detach()
         scale, zero = self.weight_qparams()
         gen = self.generator if getattr(self, "training", False) else None
         w_codes = quantize_codes(self.weight, self.wspec, scale, zero, gen)
@@ -174,6 +207,11 @@ class _WeightQuant:
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the weights: (O,) per channel or scalars."""
         assert self.wspec is not None
+        if self.wspec.learned:
+            if not getattr(self, "training", False):
+                return self.weight_scale.detach(), self.weight_zero
+            per_scale = self.weight[0].numel() if self.weight_scale.ndim else self.weight.numel()
+            return lsq_scale(self.weight_scale, per_scale, self.wspec), self.weight_zero
         key = (self.weight._version, self.weight.data_ptr())
         cache = getattr(self, "_qcache", None)
         if cache is not None and cache[0] == key:
@@ -187,6 +225,7 @@ class _WeightQuant:
         """Integer weight codes (float tensor of integers), scale, zero point (no gradient)."""
         scale, zero = self.weight_qparams()
         with torch.no_grad():
+            scale = scale.detach()
             return quantize_codes(self.weight, self.wspec, scale, zero), scale, zero
 
     def quant_weight(self) -> torch.Tensor:
@@ -201,6 +240,15 @@ class _WeightQuant:
             return self.bias
         scale, zero = observe(self.bias.detach(), self.bspec)
         return fake_quantize(self.bias, self.bspec, scale, zero)
+
+
+def _init_learned_scale(layer: _WeightQuant) -> None:
+    """LSQ: the weight scale becomes a parameter, initialised by the spec's observer."""
+    if layer.wspec is not None and layer.wspec.learned:
+        with torch.no_grad():
+            scale, zero = observe(layer.weight.detach(), layer.wspec)
+        layer.weight_scale = nn.Parameter(scale.clone().float())
+        layer.register_buffer("weight_zero", zero.clone().float())  # type: ignore[attr-defined]
 
 
 def _bias_spec(wspec: QuantSpec | None, quantize_bias: bool) -> QuantSpec | None:
@@ -226,6 +274,7 @@ class QuantConv2d(_WeightQuant, nn.Conv2d):
         new.load_state_dict(conv.state_dict())
         new.wspec, new.bspec, new.generator = wspec, _bias_spec(wspec, quantize_bias), None
         new.input_quant = []
+        _init_learned_scale(new)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,6 +296,7 @@ class QuantLinear(_WeightQuant, nn.Linear):
         new.load_state_dict(linear.state_dict())
         new.wspec, new.bspec, new.generator = wspec, _bias_spec(wspec, quantize_bias), None
         new.input_quant = []
+        _init_learned_scale(new)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

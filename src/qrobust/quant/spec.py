@@ -12,6 +12,8 @@ as short strings, parsed by :func:`parse_recipe`::
     w2a2,obs=mse              observer for weights and activations (``wobs=``, ``aobs=``)
     w4a4,relu6                ReLU6-style clipped activations in [0, 6] (Defensive Quantization)
     w4a8,asym / stochastic / clip=1.0 / bias
+    w2a2,lsq                  learned step sizes (LSQ, Esser et al. 2020, arXiv 1902.08153):
+                              every scale is a trained parameter, initialised by the observer
     w8a8,reduce-range         8-bit weights kept to 7-bit codes [-63, 63] (ONNX Runtime's
                               reduce_range): exact on u8 x s8 int8 kernels of every x86 CPU,
                               also those without VNNI (qrobust.hardware)
@@ -44,6 +46,8 @@ class QuantSpec:
     One signed bit is the sign quantizer {-s, +s} (binary). ``clip`` fixes the real range to
     [-clip, clip] (signed) or [0, clip] (unsigned) instead of observing it (ReLU6: clip=6).
     ``granularity='channel'`` means one scale per output channel (axis 0; weights only).
+    ``learned``: the scale is a trained parameter (LSQ), initialised by the observer (or clip)
+    and then updated by QAT with LSQ's gradient scaling; the zero point stays as initialised.
     """
 
     bits: int = 8
@@ -54,6 +58,7 @@ class QuantSpec:
     observer: ObserverName = "minmax"
     clip: float | None = None
     percentile: float = 99.99
+    learned: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 1 <= self.bits <= MAX_BITS:
@@ -90,7 +95,10 @@ class QuantSpec:
         return self.bits == 1 and self.signed
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.learned:  # absent unless set: recipes hashed before LSQ keep their keys
+            del d["learned"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> QuantSpec | None:
@@ -236,6 +244,9 @@ def parse_recipe(text: str | Recipe) -> Recipe:
             act = act and replace(act, rounding="stochastic")
         elif opt == "relu6":
             act = act and replace(act, clip=6.0)
+        elif opt == "lsq":
+            weight = weight and replace(weight, learned=True)
+            act = act and replace(act, learned=True)
         elif opt == "bias":
             bias = True
         elif opt == REDUCE_RANGE:
@@ -262,7 +273,7 @@ def parse_recipe(text: str | Recipe) -> Recipe:
             overrides.append((key, wb, ab))
         else:
             raise ConfigError(f"recipe {text!r}: unknown option {opt!r}; valid: pt, pc, asym, "
-                              "stochastic, relu6, bias, reduce-range, obs=, wobs=, aobs=, "
+                              "stochastic, relu6, lsq, bias, reduce-range, obs=, wobs=, aobs=, "
                               "clip=, aclip=, "
                               "<layer>=wNaM (layer: first, last or a module name)")
     resolved = tuple(
