@@ -277,7 +277,7 @@ class QuantConfig(_Strict):
     calib: int = Field(256, ge=1)
     integer: bool = True
     integer_backend: Literal["reference", "onnx", "openvino"] = "reference"
-    gorsline_grid: Literal["symmetric", "midrise"] = "symmetric"
+    gorsline_grid: Literal["symmetric", "midrise", "midrise-fanin", "midrise-scaled"] = "symmetric"
 
 
 class CertifyConfig(_Strict):
