@@ -351,11 +351,14 @@ class FinetuneConfig(_Strict):
       (``qrobust.defenses.ensemble.fit_sq_ensemble``); its recipes must be float (the
       stochastic quantizers are its own, it has no integer program).
 
+    ``quantizers``: ``observer`` (calibrated scales, fixed) or ``lsq`` (learned step sizes,
+    ``qrobust.quant``'s ``lsq`` recipe option) for ``dq``.
     ``n_train``: train on that many images of a permutation of the training set seeded by
     ``subset_seed`` (default: the study seed of the cell)."""
 
     method: Literal["dq", "sq-ensemble"]
     beta: float = Field(0.0, ge=0.0)
+    quantizers: Literal["observer", "lsq"] = "observer"
     k: int = Field(3, ge=1)
     bits: int = Field(4, ge=1, le=8)
     diversity_weight: float = Field(0.1, ge=0.0)

@@ -14,6 +14,7 @@ from qrobust.defenses.dq import (
     regularized_weights,
 )
 from qrobust.errors import ConfigError
+from qrobust.quant import QuantAct
 
 
 def paper_loop(w: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,8 @@ def test_regularizer_reaches_the_latent_weights_of_the_twin():
         dq_model(tiny_float(), wbits=4, abits=9)
 
 
-def test_dq_training_lowers_the_penalty_against_vanilla_qat():
+@pytest.mark.parametrize("lsq", [False, True])
+def test_dq_training_lowers_the_penalty_against_vanilla_qat(lsq):
     from qrobust.data import load_dataset, take
     from qrobust.data.core import Dataset
     from qrobust.defenses.dq import fit_dq
@@ -145,9 +147,12 @@ def test_dq_training_lowers_the_penalty_against_vanilla_qat():
     cfg = TrainConfig(epochs=3, batch_size=50, lr=0.02, seed=0, val_fraction=0.1)
     pen = {}
     for beta in (0.0, 1e-2):
-        fitted = fit_dq("mlp", small, cfg, wbits=4, abits=4, beta=beta, progress=False)
+        fitted = fit_dq("mlp", small, cfg, wbits=4, abits=4, beta=beta, progress=False, lsq=lsq)
         pen[beta] = sum(gram_deviation(w).item() for w in regularized_weights(fitted.model))
-        assert fitted.meta["quant"]["dq"] == {"wbits": 4, "abits": 4, "beta": beta}
+        assert fitted.meta["quant"]["dq"] == {"wbits": 4, "abits": 4, "beta": beta, "lsq": lsq}
+        acts = [m for m in fitted.model.modules() if isinstance(m, QuantAct)]
+        moved = [float(m.scale.detach()) != pytest.approx(6 / 15) for m in acts if m.spec.clip == 6.0]
+        assert moved and all(moved) == lsq  # LSQ trains the ReLU6 scales, observers keep them
         assert fitted.meta["metrics"]["test_acc"] > 0.5
     assert pen[1e-2] < 0.8 * pen[0.0]
 

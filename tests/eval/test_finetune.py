@@ -66,6 +66,7 @@ def test_model_identity_holds_what_the_weights_depend_on():
 
     plain = ident()
     assert "subset_seed" not in plain["finetune"]  # keys written before it existed stay valid
+    assert "quantizers" not in plain["finetune"] and ident(quantizers="lsq") != plain
     assert ident(subset_seed=2) != plain and ident(beta=0.1) != plain
     assert ident(subset_seed=2) == ident(subset_seed=2)
     recipes_only = parse_study({**study(), "models": [{**BASE, "recipes": ["w8a8"]}]}).models[0]

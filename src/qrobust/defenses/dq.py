@@ -96,13 +96,14 @@ class LipschitzRegularizer:
         return lipschitz_penalty(regularized_weights(model), self.beta)
 
 
-def dq_recipe(wbits: int = 4, abits: int = 4) -> str:
+def dq_recipe(wbits: int = 4, abits: int = 4, lsq: bool = False) -> str:
     """The quantization recipe of a DQ model: ``w{wbits}a{abits},relu6`` (activations clipped
-    to [0, 6] with a fixed scale 6 / (2^abits - 1), per-channel symmetric weights)."""
+    to [0, 6] with a fixed scale 6 / (2^abits - 1), per-channel symmetric weights); ``lsq``:
+    every scale learned from that start (``...,relu6,lsq``)."""
     if not 1 <= abits <= 8 or not 1 <= wbits <= 8:
         raise ConfigError(f"DQ bit widths must be in 1..8 (the paper uses 1-5 for activations), "
                           f"got w{wbits}a{abits}")
-    return f"w{wbits}a{abits},relu6"
+    return f"w{wbits}a{abits},relu6" + (",lsq" if lsq else "")
 
 
 def dq_model(model: nn.Module, wbits: int = 4, abits: int = 4,
@@ -122,19 +123,20 @@ def dq_model(model: nn.Module, wbits: int = 4, abits: int = 4,
 
 def fit_dq(arch: str, data, cfg, wbits: int = 4, abits: int = 4, beta: float = 3e-4,
            init: nn.Module | None = None, progress: bool | None = None,
-           arch_params: dict | None = None):
+           arch_params: dict | None = None, lsq: bool = False):
     """Train a DQ model of ``arch`` on ``data`` (a :class:`qrobust.data.Dataset`) with the one
     training loop; ``init``: a trained float model to fine-tune from (else a fresh one) of
-    ``arch`` with ``arch_params`` (as :func:`qrobust.train.fit`).
+    ``arch`` with ``arch_params`` (as :func:`qrobust.train.fit`). ``lsq``: learned
+    quantizer scales (:func:`dq_recipe`).
 
     Returns :class:`qrobust.train.Fitted` whose model is the quantized twin and whose metadata
     adds ``quant = {"recipe": ..., "dq": {"wbits", "abits", "beta"}}``: save it as the
     quantization module's checkpoint kind, ``save_checkpoint(out, model, meta, kind="quantized")``.
     """
     terms = [LipschitzRegularizer(beta)] if beta > 0 else []
-    fitted = fit_twin(arch, data, cfg, dq_recipe(wbits, abits), terms, init, progress,
+    fitted = fit_twin(arch, data, cfg, dq_recipe(wbits, abits, lsq), terms, init, progress,
                       arch_params)
-    fitted.meta["quant"]["dq"] = {"wbits": wbits, "abits": abits, "beta": beta}
+    fitted.meta["quant"]["dq"] = {"wbits": wbits, "abits": abits, "beta": beta, "lsq": lsq}
     return fitted
 
 

@@ -96,6 +96,8 @@ def model_identity(model: ModelConfig) -> dict:
             ident.pop(optional)
     if "finetune" in ident and ident["finetune"]["subset_seed"] is None:
         ident["finetune"].pop("subset_seed")
+    if "finetune" in ident and ident["finetune"]["quantizers"] == "observer":
+        ident["finetune"].pop("quantizers")  # the default before LSQ: older keys stay valid
     if model.checkpoint is not None:  # its content, not where it lies (a clone, a copy)
         ident["checkpoint"] = None
         ident["checkpoint_sha256"] = _file_digest(model.checkpoint)
@@ -242,7 +244,8 @@ class Workbench:
 
                 wbits, abits = recipe_bits(recipe)
                 fitted = fit_dq(arch, data, cfg, wbits, abits, ft.beta, init=base,
-                                progress=self.progress, arch_params=arch_params)
+                                progress=self.progress, arch_params=arch_params,
+                                lsq=ft.quantizers == "lsq")
                 kind = "quantized"
             else:
                 from qrobust.defenses.ensemble import fit_sq_ensemble
