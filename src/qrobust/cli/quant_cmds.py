@@ -24,8 +24,7 @@ def quantize_cmd(
     calib: int = typer.Option(512, "--calib", help="Calibration images from the training set."),
     reduce_range: str = ReduceRange,
     qat_epochs: int = typer.Option(0, "--qat-epochs", help="QAT fine-tuning epochs (0: PTQ only)."),
-    qat_lr: float = typer.Option(None, "--qat-lr", help="QAT learning rate (default 1e-4 with Adam; 0.01 with "
-                                "SGD for LSQ recipes, e.g. 'w2a2,lsq')."),
+    qat_lr: float = typer.Option(None, "--qat-lr", help="QAT learning rate (default 1e-4, Adam)."),
     eval_limit: int = typer.Option(EVAL_LIMIT, "--eval-limit", help="Test images to evaluate "
                                    "twin and integer model on (a seeded subset of a larger test "
                                    "set); 0: all."),
@@ -37,7 +36,7 @@ def quantize_cmd(
     from qrobust.hardware import cpu_info
     from qrobust.integer import to_integer
     from qrobust.quant import quantize, resolve_reduce_range, save_quantized
-    from qrobust.quant.qat import finetune, is_learned, qat_config
+    from qrobust.quant.qat import finetune, qat_config
     from qrobust.train import predict
 
     parsed = resolve_reduce_range(recipe, reduce_range)  # bad recipes fail before data is read
@@ -60,8 +59,7 @@ def quantize_cmd(
     metrics: dict = {}
     metrics["ptq_twin_acc"], twin_pred = acc(twin, "evaluate twin")
     if qat_epochs:
-        result = finetune(twin, ds, qat_config(qat_epochs, qat_lr, seed, dataset=ds.name,
-                                                   learned=is_learned(parsed)),
+        result = finetune(twin, ds, qat_config(qat_epochs, qat_lr, seed, dataset=ds.name),
                           progress=progress)
         metrics["qat_best_val_acc"] = result.best_val_acc
         metrics["twin_acc"], twin_pred = acc(twin, "evaluate twin")
