@@ -209,3 +209,60 @@ def test_tflite_import_then_attack_replays_on_litert(tmp_path, capsys):
     assert main(["-q", "import", str(fixture), "--data", "digits", "--mean", "0.5",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "mean" in one_line_error(capsys) and not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def imported_ckpt(tmp_path_factory, digits_file):
+    out = tmp_path_factory.mktemp("imported") / "ckpt"
+    assert main(["-q", "import", str(digits_file), "--data", "digits", "--out", str(out),
+                 "--limit", "50"]) == 0
+    return out
+
+
+def test_certify_an_imported_checkpoint(imported_ckpt, tmp_path, capsys):
+    """Float smoothing of the twin; integer smoothing of the program (clipped codes)."""
+    common = ["-q", "certify", "--ckpt", str(imported_ckpt), "--n0", "10", "--n", "50",
+              "--limit", "3", "--batch-size", "50"]
+    assert main([*common, "--out", str(tmp_path / "float")]) == 0
+    assert json.loads((tmp_path / "float" / "summary.json").read_text())["n_images"] == 3
+    assert main([*common, "--integer", "--integer-input", "clipped", "--out",
+                 str(tmp_path / "int")]) == 0
+    summary = json.loads((tmp_path / "int" / "summary.json").read_text())
+    assert summary["config"]["backend"] == "reference" and summary["holds_for"]["clip"]
+    assert summary["certified_accuracy"]["0"] > 0
+    # the file's input quantizer cannot be widened to the noise window
+    assert main([*common, "--integer", "--out", str(tmp_path / "wide")]) == 2
+    assert "use --integer-input clipped" in one_line_error(capsys)
+    assert not (tmp_path / "wide" / "summary.json").exists()
+
+
+def test_verify_refuses_an_imported_program_in_one_line(imported_ckpt, tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert main(["verify", "--ckpt", str(imported_ckpt), "--eps", "1", "--limit", "3",
+                 "--out", str(out)]) == 2
+    assert "an imported program (input table, float requantization) is not supported yet" \
+        in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_a_study_runs_an_imported_checkpoint(imported_ckpt, tmp_path, capsys):
+    """Attack cells on the twin with the program as integer model; verify cells skipped."""
+    import yaml
+
+    from qrobust.eval.store import ResultStore
+
+    study = {"name": "imported", "data": {"dataset": "digits", "n_test": 32},
+             "models": [{"name": "onnx", "checkpoint": str(imported_ckpt)}],
+             "recipes": ["w8a8"], "attacks": [{"name": "pgd", "eps": [0.1],
+                                               "params": {"steps": 3}}],
+             "verify": [{"eps": [1], "limit": 3}], "batch_size": 32}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    assert main(["-q", "run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 0
+    with ResultStore(tmp_path / "run" / "results.sqlite") as store:
+        rows, verified = store.rows("robustness"), store.rows("verify")
+    assert len(rows) == 1 and rows[0]["config"]["recipe"] == "imported" and not verified
+    m = rows[0]["metrics"]
+    assert m["clean_acc_int"] == pytest.approx(m["clean_acc"]) and m["integer_note"] is None
+    assert m["robust_acc_int"] is not None and m["robust_acc"] <= m["clean_acc"]
+    assert "verify skips onnx" in capsys.readouterr().err

@@ -84,8 +84,8 @@ def test_bad_checkpoints_are_one_line_errors(digits_mlp_w4a4, tmp_path, capsys):
         assert main(["verify", "--ckpt", str(ckpt), "--eps", "1", "--out", str(out)]) == 2
         return one_line_error(capsys)
 
-    assert "verify needs a quantized checkpoint (an integer program); quantize it with " \
-           "`qrobust quantize` first" in verify(fp)
+    assert "verify needs a quantized or imported checkpoint (an integer program); quantize " \
+           "it with `qrobust quantize` first" in verify(fp)
     model, meta = load_checkpoint(fp)
     calib = load_dataset("digits").train.subset(slice(0, 32)).tensors()[0]
     save_quantized(tmp_path / "w4", quantize(model.eval(), "w4", calib), meta)  # float acts

@@ -18,7 +18,7 @@ def noisy_classifier(model: nn.Module, *, sigma: float, integer: bool = False,
                      noise: str = "gaussian", quantized: bool = False, recipe: str = "w8a8",
                      reduce_range: str = "auto", calib: torch.Tensor | None = None,
                      backend: str = "onnx", integer_input: str = "wide",
-                     **options) -> NoisyClassifier:
+                     imported: bool = False, **options) -> NoisyClassifier:
     """Float Gaussian smoothing of ``model``, or (``integer``) integer-only smoothing of its
     IntegerModel on ``backend``.
 
@@ -30,6 +30,10 @@ def noisy_classifier(model: nn.Module, *, sigma: float, integer: bool = False,
     (codes clipped to [0, 255]). ``noise``: 'gaussian' (float; with ``integer``, the rounded
     Gaussian), 'rounded-gaussian' or 'discrete-gaussian'. ``options`` go to the backend
     (``input_shape``, ``threads``).
+
+    ``imported``: ``model`` is the twin of an imported file (``qrobust import``); integer
+    smoothing runs its program on the exact reference executor (``backend`` does not apply),
+    with codes clipped to [0, 255]: the file's own input quantizer cannot be widened.
     """
     if not integer:
         if noise != "gaussian":
@@ -40,6 +44,14 @@ def noisy_classifier(model: nn.Module, *, sigma: float, integer: bool = False,
         raise ConfigError(f"unknown integer input {integer_input!r} (--integer-input); valid: "
                           f"{', '.join(INTEGER_INPUTS)}")
     kind = "rounded-gaussian" if noise == "gaussian" else noise  # eta ~ 0: Cohen's radius
+    if imported:
+        from qrobust.integer.imports import integer_model
+
+        if integer_input == "wide":
+            raise ConfigError("integer smoothing of an imported program clips the noisy codes "
+                              "to [0, 255] (the file's own input quantizer cannot be widened): "
+                              "use --integer-input clipped")
+        return IntegerNoise(integer_model(model), sigma, kind=kind, clip=True)
     if quantized:
         twin = model
     else:

@@ -25,7 +25,8 @@ def certify_cmd(
     alpha: float = typer.Option(0.001, "--alpha", help="Failure probability per image."),
     out: str = Out,
     integer: bool = typer.Option(False, "--integer", help="Integer-only smoothing (IntRS) of "
-                                 "the checkpoint's IntegerModel."),
+                                 "the checkpoint's IntegerModel (an imported checkpoint: its "
+                                 "program on the reference executor, --integer-input clipped)."),
     noise: str = typer.Option("gaussian", "--noise", help="gaussian (float), or with --integer: "
                               "rounded-gaussian (default) or discrete-gaussian (IntRS)."),
     recipe: str = typer.Option("w8a8", "--recipe", help="Quantization recipe for --integer "
@@ -51,7 +52,9 @@ def certify_cmd(
                                "(the integer model runs on ONNX Runtime's CPU kernels)."),
     data_dir: str = DataDir, no_verify: bool = NoVerify,
 ) -> None:
-    """Certify test images with randomized smoothing (Cohen et al.; IntRS with --integer)."""
+    """Certify test images with randomized smoothing (Cohen et al.; IntRS with --integer) of a
+    float, quantized or imported checkpoint (float smoothing of a quantized or imported one
+    smooths its differentiable twin)."""
     from qrobust.eval.certification import EXECUTORS, CertifyJob, certify_images
 
     EXECUTORS.get(executor)  # an unknown executor fails before any work

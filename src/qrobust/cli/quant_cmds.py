@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -19,7 +20,25 @@ EVAL_LIMIT = 10_000
 
 @app.command("quantize")
 def quantize_cmd(
-    ckpt: str = ckpt_option(),
+    ckpt: str = ckpt_option(required=False),
+    model_spec: str = typer.Option(None, "--model", help="Your own PyTorch classifier instead of "
+                                   "--ckpt: 'package.module:factory', a callable returning an "
+                                   "nn.Module (N, C, H, W) -> logits; the module must be "
+                                   "importable here and wherever the checkpoint is loaded."),
+    model_kwargs: str = typer.Option(None, "--model-kwargs", help="With --model: the factory's "
+                                     "keyword arguments as JSON, e.g. '{\"width\": 16}'."),
+    weights: str = typer.Option(None, "--weights", help="With --model: its weights, a "
+                                ".safetensors file or a state dict saved with torch.save (read "
+                                "with torch.load(weights_only=True))."),
+    data: str = typer.Option(None, "--data", help="With --model: the dataset it classifies "
+                             "(calibration, evaluation, and what attack / certify use later)."),
+    input_mean: str = typer.Option(None, "--input-mean", help="With --model: the per-channel "
+                                   "mean its inputs were normalized with, in [0, 1] pixel units "
+                                   "(one value or one per channel); default: the model's own (a "
+                                   "qrobust Normalize layer, input_mean / input_std attributes, "
+                                   "timm's pretrained_cfg). 0 with --input-std 1: raw [0, 1] images."),
+    input_std: str = typer.Option(None, "--input-std", help="With --model: the per-channel std "
+                                  "(see --input-mean)."),
     recipe: str = typer.Option(..., "--recipe", help="e.g. w8a8, w4a4, 'w4a4,first=8,last=8', w3."),
     calib: int = typer.Option(512, "--calib", help="Calibration images from the training set."),
     reduce_range: str = ReduceRange,
@@ -31,7 +50,8 @@ def quantize_cmd(
     seed: int = typer.Option(0, "--seed"),
     out: str = Out, data_dir: str = DataDir, no_verify: bool = NoVerify,
 ) -> None:
-    """Quantize a float checkpoint (PTQ, then optional QAT) and save the quantized twin."""
+    """Quantize a float checkpoint, or your own PyTorch classifier (--model), with PTQ and
+    optional QAT, and save the quantized twin as a checkpoint for attack, certify and verify."""
     from qrobust.data import load_dataset, take
     from qrobust.hardware import cpu_info
     from qrobust.integer import to_integer
@@ -42,13 +62,23 @@ def quantize_cmd(
     parsed = resolve_reduce_range(recipe, reduce_range)  # bad recipes fail before data is read
     if calib < 1 or qat_epochs < 0 or eval_limit < 0:
         raise ConfigError("--calib must be >= 1, --qat-epochs and --eval-limit >= 0")
-    if read_meta(ckpt).get("kind", "float") != "float":
-        raise CheckpointError(f"{ckpt} is already quantized; pass a float checkpoint")
-    model, meta = load_checkpoint(ckpt)
-    ds = load_dataset(meta["dataset"], data_dir, verify=not no_verify)
+    user = user_options(ckpt, model_spec, model_kwargs, weights, data, input_mean, input_std)
+    if user is None:
+        if read_meta(ckpt).get("kind", "float") != "float":
+            raise CheckpointError(f"{ckpt} is already quantized; pass a float checkpoint")
+        model, meta = load_checkpoint(ckpt)
+        data = meta["dataset"]
+    ds = load_dataset(data, data_dir, verify=not no_verify)
     x_calib, _ = take(ds.train, calib, seed).tensors()
     progress = cli_progress()
-    twin = quantize(model, parsed, x_calib, progress=progress)
+    if user is None:
+        twin = quantize(model, parsed, x_calib, progress=progress)
+    else:
+        from qrobust.quant import quantize_user, user_model_meta
+
+        twin = quantize_user(model_spec, parsed, x_calib, progress=progress, **user)
+        meta = {"model": user_model_meta(model_spec, twin, ds.num_classes, user["kwargs"],
+                                         weights), "dataset": ds.name}
     test = take(ds.test, eval_limit or None)  # seeded subset, as `qrobust eval --limit`
     labels = torch.from_numpy(test.y).long()
 
@@ -77,6 +107,33 @@ def quantize_cmd(
              f"a seeded subset of {len(test)} of the {len(ds.test)}")
     typer.echo(f"{meta['model']['arch']} {parsed.text}: {shown} on {which} test images "
                f"-> {out}")
+
+
+def user_options(ckpt: str | None, spec: str | None, kwargs: str | None, weights: str | None,
+                 data: str | None, mean: str | None, std: str | None) -> dict | None:
+    """The keyword arguments of ``quantize_user`` from the --model options (None with --ckpt);
+    one-line ConfigErrors for options that do not go together."""
+    from qrobust.cli.import_cmds import parse_floats
+
+    if (ckpt is None) == (spec is None):
+        raise ConfigError("give exactly one of --ckpt (a float checkpoint) or --model (your own "
+                          "PyTorch classifier, 'package.module:factory')")
+    if spec is None:
+        if any(v is not None for v in (kwargs, weights, data, mean, std)):
+            raise ConfigError("--model-kwargs, --weights, --data, --input-mean and --input-std "
+                              "go with --model; a checkpoint stores its own")
+        return None
+    if data is None:
+        raise ConfigError("--model needs --data: the dataset the model classifies")
+    try:
+        parsed = json.loads(kwargs) if kwargs else {}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--model-kwargs is not JSON ({err}); e.g. '{{\"width\": 16}}'") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"--model-kwargs must be a JSON object, got {kwargs}")
+    return {"weights": weights, "kwargs": parsed,
+            "input_mean": parse_floats(mean, "input-mean") if mean is not None else None,
+            "input_std": parse_floats(std, "input-std") if std is not None else None}
 
 
 @app.command("export")

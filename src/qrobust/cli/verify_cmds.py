@@ -1,5 +1,5 @@
-"""`qrobust verify`: complete L-infinity verification of a quantized checkpoint's integer
-program on the first N test images (docs/verification.md)."""
+"""`qrobust verify`: complete L-infinity verification of a quantized (or imported) checkpoint's
+integer program on the first N test images (docs/verification.md)."""
 
 from __future__ import annotations
 
@@ -67,9 +67,10 @@ def verify_cmd(
         raise ConfigError(f"unknown tie rule '{ties}'; valid: {', '.join(TIES)}")
     if out is not None and Path(out).is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name such as results.json")
-    if read_meta(ckpt).get("kind") != "quantized":
-        raise ConfigError("verify needs a quantized checkpoint (an integer program); quantize "
-                          "it with `qrobust quantize` first")
+    if read_meta(ckpt).get("kind") not in ("quantized", "imported"):
+        raise ConfigError("verify needs a quantized or imported checkpoint (an integer "
+                          "program); quantize it with `qrobust quantize` first")
+    import qrobust.integer.imports  # noqa: F401  (registers the "imported" checkpoint kind)
     import qrobust.quant  # noqa: F401  (registers the "quantized" checkpoint kind)
 
     twin, meta = load_checkpoint(ckpt)

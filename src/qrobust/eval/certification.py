@@ -103,6 +103,7 @@ class Certifier:
         from qrobust.checkpoint import load_checkpoint, weights_path
         from qrobust.data import load_dataset, take
         from qrobust.eval.store import file_sha256
+        from qrobust.integer import imports  # noqa: F401  (registers the "imported" kind)
 
         if job.threads is not None:
             torch.set_num_threads(job.threads)
@@ -111,14 +112,15 @@ class Certifier:
         model = model.to(job.device)
         ds = load_dataset(meta["dataset"], job.data_dir, verify=job.verify)
         calib = take(ds.train, 512, seed=1).tensors()[0] if job.integer else None
-        quantized = meta.get("kind") == "quantized"
+        imported = meta.get("kind") == "imported"
+        quantized = meta.get("kind") == "quantized" or imported  # the twin is the model
         threads = ({"threads": job.threads}
                    if job.threads is not None and job.backend != "reference" else {})
         noisy = noisy_classifier(model, sigma=job.sigma, integer=job.integer, noise=job.noise,
                                  quantized=quantized, recipe=job.recipe,
                                  reduce_range=job.reduce_range, calib=calib,
                                  backend=job.backend, integer_input=job.integer_input,
-                                 input_shape=ds.input_shape, **threads)
+                                 input_shape=ds.input_shape, imported=imported, **threads)
         self.smoothed = Smoothed(noisy, ds.num_classes, batch_size=job.batch_size)
         self.holds_for = holds_for(noisy)
         self.x, self.y = ds.test.tensors()
@@ -129,7 +131,8 @@ class Certifier:
             "integer": job.integer, "noise": context["noise"],
             # the resolved recipe (reduce-range may depend on the CPU), not the option
             "recipe": context.get("recipe") if job.integer and not quantized else None,
-            "backend": job.backend if job.integer else None, "seed": job.seed,
+            "backend": ("reference" if imported else job.backend) if job.integer else None,
+            "seed": job.seed,
             "device": torch.device(job.device).type,
             **({"integer_input": job.integer_input} if job.integer else {})}
 

@@ -11,6 +11,11 @@ Work shared across cells (the :class:`Workbench` caches it per process):
 * one quantized twin, integer model and defended model per (model, recipe, defense, seed);
 * clean predictions once per (model, recipe, defense, seed), on twin and integer model.
 
+A model whose ``checkpoint`` is already quantized (kind "quantized": ``qrobust quantize``, a
+user's own model too; kind "imported": ``qrobust import``) is its own twin: it gets one recipe,
+its stored one (``"imported"`` for a file from another toolchain), whatever ``recipes`` says,
+and its integer model is its program (:func:`deployed_recipe`).
+
 Each cell is one :func:`qrobust.eval.robustness.robustness_cell` (the unit of work of
 ``qrobust attack`` too; its module doc defines the metrics) on the defended twin and the
 same defense around the integer model, with one generator seeded from the cell key: cells
@@ -34,9 +39,11 @@ from torch import nn
 from qrobust.attacks.evaluate import predict
 from qrobust.config import AttackConfig, DataConfig, DefenseConfig, ModelConfig, StudyConfig
 from qrobust.defenses import reseed
+from qrobust.errors import ConfigError
 from qrobust.eval.robustness import RobustnessSpec, defended_pair, robustness_cell
 from qrobust.eval.store import cell_key, file_sha256
 from qrobust.integer import integer_or_reason
+from qrobust.integer.imports import integer_model
 from qrobust.quant.spec import FLOAT_RECIPES, recipe_bits
 from qrobust.quant.twin import make_twin
 
@@ -46,6 +53,7 @@ PROTOCOL = 3  # bump when the meaning of a metric changes: old rows stop matchin
 # 2: twin/integer disagreement as transfer_metrics defines it (clean_ and adv_disagreement)
 # 3: cells are qrobust.eval.robustness cells: the masking checks of `qrobust attack`
 TABLE = "robustness"
+IMPORTED = "imported"  # the recipe of an imported file's cells (int8 programs)
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,41 @@ def model_identity(model: ModelConfig) -> dict:
     return ident
 
 
+@functools.lru_cache(maxsize=64)
+def _kind_and_recipe(file: str, size: int, mtime_ns: int) -> tuple[str, str | None]:
+    from qrobust.checkpoint import read_meta
+
+    meta = read_meta(file)
+    kind = meta.get("kind", "float")
+    if kind == "imported":
+        return kind, IMPORTED
+    if kind == "quantized":
+        return kind, meta["quant"]["recipe"]["text"]
+    return kind, None
+
+
+def deployed_recipe(model: ModelConfig) -> str | None:
+    """The recipe of a model whose checkpoint is already quantized (its stored recipe, or
+    :data:`IMPORTED` for an imported file); None for a float model the study quantizes."""
+    if model.checkpoint is None:
+        return None
+    p = Path(model.checkpoint)
+    file = p / "model.safetensors" if p.is_dir() else p
+    st = file.stat()
+    kind, recipe = _kind_and_recipe(str(file.resolve()), st.st_size, st.st_mtime_ns)
+    if recipe is not None and model.finetune is not None:
+        raise ConfigError(f"model '{model.label}': its checkpoint is already {kind}; a "
+                          "fine-tune starts from a float checkpoint")
+    return recipe
+
+
+def recipes_for(study: StudyConfig, model: ModelConfig) -> tuple[str, ...]:
+    """The recipes of ``model``'s cells: the study's (or the model's own list), or the one
+    recipe of an already quantized checkpoint."""
+    recipe = deployed_recipe(model)
+    return (recipe,) if recipe is not None else study.recipes_of(model)
+
+
 def plan(study: StudyConfig) -> list[Cell]:
     """All cells, ordered so that cells sharing work are adjacent."""
     cells = []
@@ -112,7 +155,7 @@ def plan(study: StudyConfig) -> list[Cell]:
     for model in study.models:
         ident = model_identity(model)
         for seed in study.seeds:
-            for recipe in study.recipes_of(model):
+            for recipe in recipes_for(study, model):
                 for defense in study.defenses_of(model):
                     for attack in study.attacks:
                         for eps in attack.eps:
@@ -312,10 +355,13 @@ class Workbench:
     def _trained_twin(self, model: ModelConfig, recipe: str) -> bool:
         """Whether the twin is trained itself (DQ fine-tune, QAT) rather than quantized from
         the float model."""
-        return (model.finetune_method == "dq"
-                or self.study.quant.mode == "qat" and recipe not in FLOAT_RECIPES)
+        return deployed_recipe(model) is None and (
+            model.finetune_method == "dq"
+            or self.study.quant.mode == "qat" and recipe not in FLOAT_RECIPES)
 
     def twin(self, model: ModelConfig, recipe: str, seed: int) -> nn.Module:
+        if deployed_recipe(model) is not None:  # the checkpoint is the twin
+            return self.float_model(model, seed)
         if model.finetune_method == "dq":
             return self._finetuned(model, seed, recipe)
         if self._trained_twin(model, recipe):
@@ -354,7 +400,9 @@ class Workbench:
             for p in twin.parameters():
                 p.requires_grad_(False)
             integer, note = (None, "quant.integer is off")
-            if q.integer:
+            if q.integer and recipe == IMPORTED:
+                integer, note = integer_model(twin), None  # the file's program, exactly
+            elif q.integer:
                 integer, note = integer_or_reason(twin, recipe, q.integer_backend)
             self._quantized[k] = (twin, integer, note)
         return self._quantized[k]

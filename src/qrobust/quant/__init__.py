@@ -21,11 +21,12 @@ from qrobust.quant.spec import (
     resolve_reduce_range,
 )
 from qrobust.quant.twin import MidriseWeights, make_twin
+from qrobust.quant.user import quantize_user, user_model_meta
 
 __all__ = [
     "FLOAT_RECIPES", "OBSERVERS", "MidriseWeights", "make_twin", "Override", "QuantAct", "QuantConv2d", "QuantInput",
     "QuantLinear", "QuantSpec", "QuantTwin", "Recipe", "calibrate", "fake_quantize", "functional", "observe",
     "parse_recipe", "quantize", "recipe_bits", "resolve_reduce_range", "round_ste", "save_quantized", "set_generator",
-    "stochastic_round",
+    "stochastic_round", "quantize_user", "user_model_meta",
     "widen_input",
 ]

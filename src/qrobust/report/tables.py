@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from qrobust.eval.grid import row_label
+from qrobust.eval.grid import IMPORTED, row_label
 from qrobust.quant.spec import FLOAT_RECIPES, recipe_bits
 
 FLOAT_BITS = 32  # where float recipes sit on a bits axis
@@ -20,6 +20,8 @@ def bits_of(recipe: str) -> int:
     """Effective bit width of a recipe: the smaller of weight and activation bits; 32 = float."""
     if recipe in FLOAT_RECIPES:
         return FLOAT_BITS
+    if recipe == IMPORTED:  # int8 files from other toolchains
+        return 8
     w, a = recipe_bits(recipe)
     return min(b for b in (w, a) if b is not None)
 

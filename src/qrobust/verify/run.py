@@ -61,16 +61,27 @@ def eps_codes(value: int | float | str) -> int:
 
 
 def integer_program(twin: nn.Module, input_shape: tuple[int, ...]) -> Program:
-    """The exact integer program of a quantized twin for images of ``input_shape`` (C, H, W);
-    a ConfigError that says why when the twin does not lower to integers (float activations,
-    an unsupported layer)."""
+    """The exact integer program of a quantized twin (or an imported file's twin: its own
+    program) for images of ``input_shape`` (C, H, W); a ConfigError that says why when there
+    is none the verifier takes (float activations, an unsupported layer, an imported program
+    with an input table or float requantization), raised before any query runs."""
     from qrobust.integer import to_integer
+    from qrobust.integer.imports import ProgramTwin
+    from qrobust.verify.search import check_supported
 
-    try:
-        return to_integer(twin, "reference").program(tuple(input_shape))
-    except ConfigError as err:
-        raise ConfigError(f"verify needs an integer program (activations quantized to <= 8 "
-                          f"bits), and this model does not lower to one: {err}") from None
+    if isinstance(twin, ProgramTwin):
+        program = twin.program
+        if tuple(program.input_shape) != tuple(input_shape):
+            raise ConfigError(f"the imported program takes images of shape "
+                              f"{tuple(program.input_shape)}, not {tuple(input_shape)}")
+    else:
+        try:
+            program = to_integer(twin, "reference").program(tuple(input_shape))
+        except ConfigError as err:
+            raise ConfigError(f"verify needs an integer program (activations quantized to <= 8 "
+                              f"bits), and this model does not lower to one: {err}") from None
+    check_supported(program)
+    return program
 
 
 # ---- the worker side ------------------------------------------------------------------------

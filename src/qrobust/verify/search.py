@@ -135,6 +135,15 @@ def _integer(value, name: str) -> int:
         raise ConfigError(f"{name} must be an integer, got {value!r}") from None
 
 
+def check_supported(program: Program) -> None:
+    """A ConfigError for programs the bounds do not follow (checked before any query runs)."""
+    if program.input_op.table is not None or any(
+            isinstance(op, RequantOp) and op.rounding != "fixed" for op in program.ops):
+        raise ConfigError("the verifier's bounds follow qrobust's fixed-point programs; an "
+                          "imported program (input table, float requantization) is not "
+                          "supported yet")
+
+
 def make_query(model, image_codes: torch.Tensor, label: int, eps: int,
                ties: Ties = "first") -> Query:
     """Validate a query; a ConfigError with a one-line message for bad input."""
@@ -162,11 +171,7 @@ def make_query(model, image_codes: torch.Tensor, label: int, eps: int,
     scale = output_op(program).scale
     if bool((scale <= 0).any()):
         raise ConfigError("the program's output scale must be positive")
-    if program.input_op.table is not None or any(
-            isinstance(op, RequantOp) and op.rounding != "fixed" for op in program.ops):
-        raise ConfigError("the verifier's bounds follow qrobust's fixed-point programs; an "
-                          "imported program (input table, float requantization) is not "
-                          "supported yet")
+    check_supported(program)
     if any(bool((t.multiplier < 0).any()) for op in program.ops if isinstance(op, RequantOp)
            for t in op.terms):
         raise ConfigError("the program has a negative requantization multiplier; the bounds "
