@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 
 from qrobust.cli import main
 from qrobust.config import parse_study
@@ -66,7 +67,10 @@ def test_html_is_self_contained_and_md_has_the_numbers(tmp_path):
         assert section in html
     md = paths["md"].read_text()
     clean32 = float(accuracy_model(np.array([[32], [0.0]]), *TRUE)[0])
-    assert f"| m | none | fgsm (upper bound) | fp32 | {clean32:.3f} | – |" in md
+    ci = binomtest(round(clean32 * 1000), 1000).proportion_ci(0.95, method="wilson")
+    # one seed: no ± over seeds, the Wilson interval over the 1000 test points
+    assert (f"| m | none | fgsm (upper bound) | fp32 | {clean32:.3f} [{ci.low:.3f}, "
+            f"{ci.high:.3f}] | – |") in md
     # the synthetic data follow the model exactly (fgsm): the fit is near perfect
     fit_row = next(line for line in md.splitlines() if line.startswith("| m | none | fgsm | 24"))
     r2 = float(fit_row.split("|")[5])

@@ -68,12 +68,30 @@ ATTACK_NOTE = ("'standard' is the worst case over APGD-CE, APGD-T and Square (Au
                "parentheses the attack alone, where the checks lowered it.")
 
 
-def _robust(m: dict) -> str:
-    """'worst' or 'worst (attack alone)' when the masking checks' attacks lowered it."""
-    worst, alone = m.get("robust_acc_worst"), m["robust_acc"]
+CI_NOTE = ("Accuracy cells read 'mean ± h [lo, hi]': the mean over the k seeds; ± h the "
+           "half-width of the 95% t-interval over seeds (mean ± t(0.975, k-1)·sd/√k: training, "
+           "calibration and attack randomness; shown for k >= 2); [lo, hi] the 95% Wilson "
+           "binomial interval over the n test points (test-set sampling; the seeds share the "
+           "same n points, so n trials, not n·k).")
+
+
+def _acc(r: Record, k: str) -> str:
+    """An accuracy cell: 'mean ± seed half-width [binomial lo, hi]' (± only for >= 2 seeds)."""
+    m = r.metrics.get(k)
+    if m is None:
+        return "–"
+    seed, binom = r.seed_ci.get(k), r.binom_ci.get(k)
+    return (_fmt(m) + (f" ± {_fmt((seed[1] - seed[0]) / 2)}" if seed else "")
+            + (f" [{_fmt(binom[0])}, {_fmt(binom[1])}]" if binom else ""))
+
+
+def _robust(r: Record) -> str:
+    """'worst' or 'worst (attack alone)' when the masking checks' attacks lowered it, each
+    with its intervals."""
+    worst, alone = r.metrics.get("robust_acc_worst"), r.metrics["robust_acc"]
     if worst is None or alone is None or _fmt(worst) == _fmt(alone):
-        return _fmt(alone)
-    return f"{_fmt(worst)} ({_fmt(alone)})"
+        return _acc(r, "robust_acc")
+    return f"{_acc(r, 'robust_acc_worst')} ({_acc(r, 'robust_acc')})"
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -209,9 +227,9 @@ def summary_table(recs: list[Record]) -> tuple[list[str], list[list[str]]]:
               (model, defense, attack, recipe)}
         any_r = next(iter(rs.values()))
         shown = attack if attack.startswith("standard") else f"{attack} (upper bound)"
-        body.append([model, defense, shown, recipe, _fmt(any_r.metrics["clean_acc"]),
-                     _fmt(any_r.metrics.get("clean_acc_int"))] +
-                    [_robust(rs[e].metrics) if e in rs else "" for e in eps_all])
+        body.append([model, defense, shown, recipe, _acc(any_r, "clean_acc"),
+                     _acc(any_r, "clean_acc_int")] +
+                    [_robust(rs[e]) if e in rs else "" for e in eps_all])
     return head, body
 
 
@@ -219,8 +237,8 @@ def transfer_table(recs: list[Record]) -> tuple[list[str], list[list[str]]]:
     head = ["model", "defense", "attack", "recipe", "eps", "robust twin", "robust int",
             "square on int", "transfer rate", "adv. disagreement", "mean linf", "mean l2"]
     body = [[r.model, r.defense, r.attack, r.recipe, f"{r.eps * 255:.3g}/255",
-             _fmt(r.metrics["robust_acc"]), _fmt(r.metrics.get("robust_acc_int")),
-             _fmt(r.metrics.get("robust_acc_int_square")),
+             _acc(r, "robust_acc"), _acc(r, "robust_acc_int"),
+             _acc(r, "robust_acc_int_square"),
              _fmt(r.metrics.get("transfer_rate")), _fmt(r.metrics.get("adv_disagreement")),
              _fmt(r.metrics.get("mean_linf"), 4), _fmt(r.metrics.get("mean_l2"), 3)]
             for r in recs if r.eps > 0]
@@ -331,7 +349,8 @@ def to_markdown(rep: Report, image_dir: str = ".") -> str:
         parts += [f"{p['cells']} cells; git {p['git_sha']}; compute {p['compute_seconds']} s", ""]
     parts += ["## Clean and robust accuracy (fake-quant twin)", "",
               "Columns after 'clean int' are robust accuracy at each eps (linf unless the "
-              "attack says otherwise). " + ATTACK_NOTE, "", _md_table(*summary_table(rep.recs)),
+              "attack says otherwise). " + ATTACK_NOTE, "", CI_NOTE, "",
+              _md_table(*summary_table(rep.recs)),
               ""]
     parts += ["## Fitted model of accuracy(bits, eps)", "", f"`{FORMULA}`", "",
               "bits = the smaller of weight/activation bits, 32 for float recipes; least squares "
@@ -349,7 +368,8 @@ def to_markdown(rep: Report, image_dir: str = ".") -> str:
     parts += [f"![{f.title}]({image_dir}/{f.name}.png)" for f in rep.figures]
     parts += ["", "## Warnings", ""]
     parts += [f"- **{w}**: {m}" for w, m in rep.warnings] or ["none"]
-    parts += ["", "## Twin vs integer model", "", _md_table(*transfer_table(rep.recs)), ""]
+    parts += ["", "## Twin vs integer model", "", CI_NOTE, "",
+              _md_table(*transfer_table(rep.recs)), ""]
     return "\n".join(parts) + "\n"
 
 
@@ -399,7 +419,8 @@ def to_html(rep: Report) -> str:
         f"<h1>{e(rep.title)}</h1><p class='meta'>{meta}</p>",
         f"<p class='banner'>{e(rep.banner)}</p>" if rep.missing else "",
         "<h2>Clean and robust accuracy</h2><p>Robust accuracy of the (defended) fake-quant twin "
-        f"per eps; the attack runs only on points still classified correctly. {e(ATTACK_NOTE)}</p>",
+        f"per eps; the attack runs only on points still classified correctly. {e(ATTACK_NOTE)}</p>"
+        f"<p>{e(CI_NOTE)}</p>",
         _html_table(*summary_table(rep.recs)),
         "<h2>Accuracy vs eps (a curve per bit width)</h2>",
         *map(_img, figs["acc-vs-eps"]),
