@@ -236,13 +236,50 @@ def test_certify_an_imported_checkpoint(imported_ckpt, tmp_path, capsys):
     assert not (tmp_path / "wide" / "summary.json").exists()
 
 
-def test_verify_refuses_an_imported_program_in_one_line(imported_ckpt, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def imported_mlp(tmp_path_factory, digits):
+    """A digits MLP (trained 5 epochs, about 2 s) quantized by ORT and imported: an MLP program
+    with an input table and float32 requantization, which gets the verifier's linear bounds."""
+    from qrobust.train import TrainConfig, fit
+
+    tmp = tmp_path_factory.mktemp("import-mlp")
+    fitted = fit("mlp", digits, TrainConfig(epochs=5, batch_size=64, lr=0.05, seed=0),
+                 progress=False)
+    calib = take(digits.train, 256, seed=1).tensors()[0].numpy()
+    path = quantize(export(fitted.model, tmp / "mlp.float.onnx", (1, 8, 8)), tmp / "mlp.onnx",
+                    calib)
+    assert main(["-q", "import", str(path), "--data", "digits", "--out", str(tmp / "ckpt"),
+                 "--limit", "50"]) == 0
+    return tmp / "ckpt"
+
+
+def test_verify_an_imported_checkpoint(imported_mlp, imported_ckpt, tmp_path, capsys):
+    """`qrobust verify` decides queries on a file's program (input table, float32
+    requantization): proofs at 1 code, counterexamples at 26 codes, in the ball and
+    misclassified by the program; the CNN file gets verdicts too (one point at eps 0)."""
+    from qrobust.verify import predict
+    from qrobust.verify.run import integer_program
+
     out = tmp_path / "v.json"
-    assert main(["verify", "--ckpt", str(imported_ckpt), "--eps", "1", "--limit", "3",
-                 "--out", str(out)]) == 2
-    assert "an imported program (input table, float requantization) is not supported yet" \
-        in one_line_error(capsys)
-    assert not out.exists()
+    assert main(["-q", "verify", "--ckpt", str(imported_mlp), "--eps", "0", "--eps", "1",
+                 "--eps", "26", "--limit", "8", "--timeout", "5", "--out", str(out)]) == 0
+    assert "eps codes" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    n_correct = 8 - len(result["misclassified"])
+    assert n_correct > 0 and len(result["queries"]) == 3 * n_correct
+    zero, one, big = (result["summary"][k] for k in ("0", "1", "26"))
+    assert zero["robust"] == n_correct  # one point: decided exactly
+    assert one["robust"] > 0 and big["vulnerable"] > 0
+    twin, _ = load_checkpoint(imported_mlp)
+    program = integer_program(twin, (1, 8, 8))
+    x, y = load_dataset("digits").test.subset(slice(0, 8)).tensors()
+    for q in result["queries"]:
+        if q["counterexample"] is not None:
+            cex = torch.tensor(q["counterexample"])
+            assert int((cex - torch.round(x[q["id"]] * 255).long()).abs().max()) <= q["eps"]
+            assert int(predict(program, cex[None])[0]) != int(y[q["id"]])
+    assert main(["-q", "verify", "--ckpt", str(imported_ckpt), "--eps", "0", "--limit", "3",
+                 "--timeout", "5"]) == 0
 
 
 def test_a_study_runs_an_imported_checkpoint(imported_ckpt, tmp_path, capsys):

@@ -59,9 +59,9 @@ def verify_plan(study: StudyConfig) -> list[VerifyCell]:
         ident = model_identity(model)
         for seed in study.seeds:
             for recipe in recipes_for(study, model):
-                if recipe == IMPORTED:  # input tables, float requantization: see verify.search
-                    log.warning("verify skips %s: the verifier does not support imported "
-                                "programs yet", model.label)
+                if recipe == IMPORTED:  # not wired into studies yet; `qrobust verify` takes them
+                    log.warning("verify skips %s: studies do not verify imported programs yet; "
+                                "run `qrobust verify --ckpt` on the checkpoint", model.label)
                     continue
                 if not integer_recipe(recipe):
                     continue

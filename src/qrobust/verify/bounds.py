@@ -6,22 +6,25 @@ for straight-line MLP programs, as used for quantized networks by Henzinger et a
 
 **Intervals** (:func:`interval_bounds`): int64 tensors (N, ...) per slot, exact. Linear and
 (grouped) convolution layers split the centred weights into positive and negative parts;
-a lookup table takes the table's minimum and maximum over the code range; every other op
-(requantization with multipliers m_t >= 0, round half up and a clamp; max, sum and window-sum
-pooling, flatten, concatenation, ReLU, clamp) is non-decreasing in each input, so it is
-applied exactly, with the executor's formula, to the lower and the upper bound. Intervals are
-exact on a single point.
+a lookup table (and an imported file's input table) takes the table's minimum and maximum
+over the code range; a product of two code tensors takes the extremes of its four corners;
+every other op (requantization with multipliers m_t >= 0 in any of its roundings and a clamp,
+ONNX Runtime's float average pool; max, sum and window-sum pooling, flatten, concatenation,
+ReLU, clamp) is non-decreasing in each input, so it is applied exactly, with the executor's
+own code, to the lower and the upper bound. Intervals are exact on a single point.
 
 **Linear relaxation** (:func:`linear_bounds`), for programs that are one chain
-InputOp -> [FlattenOp] -> (LinearOp -> [RequantOp (one term, not sign)] -> [ReluOp])* ->
-OutputOp. The requantization of an accumulator a,
+InputOp -> [LookupOp]* -> [FlattenOp] -> (LinearOp -> [RequantOp (one term, not sign)] ->
+[ReluOp])* -> OutputOp. The (fixed-point) requantization of an accumulator a,
 ``x = clamp(floor((a - z_t) m / 2^S + 1/2) + z, lo, hi)``, lies between the envelopes
 ``f_l(a) = clamp(r (a - z_t) - 1/2 + 2^-S, L, H) + z`` and ``f_u(a) = clamp(r (a - z_t) + 1/2,
 L, H) + z`` (r = m 2^-S, L = lo - z, H = hi - z), since floor(w) >= w - 1 + 2^-S when 2^S w
 is an integer. Each neuron gets an upper line (the chord of f_u from the box's lower end to
 the upper kink, or a constant) and a lower line (the chord of f_l from the lower kink to the
 box's upper end, or a constant), picked by their value at the box's midpoint (CROWN's
-adaptive choice); ReLU is the same with r = 1 and no rounding.
+adaptive choice); ReLU is the same with r = 1 and no rounding. Imported files' roundings
+("float32", "tflite", "ruy") get the same envelopes with a wider rounding band, bounded in
+:func:`step_of_requant`.
 
 **How the floats are made sound.** Back-substitution runs in float64; every weight, bias,
 bound and multiplier is an integer or a dyadic number held exactly. Soundness never depends
@@ -56,17 +59,20 @@ from qrobust.integer.program import (
     ConcatOp,
     ConvOp,
     FlattenOp,
+    FloatAvgPoolOp,
     GroupConvOp,
     InputOp,
     LinearOp,
     LookupOp,
     MaxPoolOp,
+    MulOp,
     OutputOp,
     Program,
     ReluOp,
     RequantOp,
     SumPoolOp,
     WindowSumPoolOp,
+    float_avg_pool,
     input_codes,
 )
 from qrobust.integer.reference import (
@@ -78,15 +84,37 @@ from qrobust.integer.reference import (
 )
 
 U = 2.0**-53
+# the ops interval_bounds has a rule for (verify.search.check_supported refuses the others)
+BOUNDED_OPS = (InputOp, ConvOp, GroupConvOp, LinearOp, WindowSumPoolOp, ConcatOp, LookupOp,
+               ClampOp, RequantOp, MaxPoolOp, SumPoolOp, MulOp, FloatAvgPoolOp, FlattenOp,
+               ReluOp, OutputOp)
 TINY = 2.0**-1000
 Interval = tuple[torch.Tensor, torch.Tensor]
 
 
 # ---- exact integer intervals ---------------------------------------------------------------
 def requantize_exact(values: list[torch.Tensor], op: RequantOp) -> torch.Tensor:
-    """The executor's own fixed-point requantization (exact) as int64: ``values`` are
-    same-shape integer tensors (N, C, ...), one per term; returns codes of that shape."""
+    """The executor's own requantization (exact, any rounding) as int64: ``values`` are
+    same-shape integer tensors (N, C, ...), one per term; returns codes of that shape.
+
+    Every rounding is non-decreasing in each term whose multiplier is >= 0, so interval ends
+    map to interval ends (tests/verify/test_imported.py checks it against the executor):
+    "fixed" is one floor of an increasing sum; "float32" (ONNX Runtime) is a float32
+    conversion, a product by a float32 multiplier and float32 sums, each rounded to nearest
+    (a monotone map), then round half to even; "tflite" / "ruy" are an integer sum, a left
+    shift and two roundings to nearest (gemmlowp's doubling high multiply, a rounding right
+    shift), each monotone. Clamps are monotone too."""
+    if op.rounding in ("tflite", "ruy"):  # int64 in the executor: an overflow would wrap
+        widest = sum(_abs_max(v - t.zero_point) for v, t in zip(values, op.terms, strict=True))
+        left = op.left_shift + max(0, 31 - int(op.shift.min()))
+        if widest * 2**left * int(op.terms[0].multiplier.max()) >= 2**62:
+            raise ConfigError(f"{op.out}: the bounds of its {op.rounding!r} requantization "
+                              "reach beyond int64; the verifier cannot bound this program")
     return requantize(values, op).long()
+
+
+def _abs_max(t: torch.Tensor) -> int:
+    return int(t.abs().max()) if t.numel() else 0
 
 
 def _affine_interval(op: ConvOp | GroupConvOp | LinearOp, lo: torch.Tensor, hi: torch.Tensor
@@ -113,17 +141,61 @@ def _window_sum(op: WindowSumPoolOp, v: torch.Tensor) -> torch.Tensor:
                         divisor_override=1).long()
 
 
+def _range_hull(table: torch.Tensor, row: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+                ) -> Interval:
+    """Exact min and max of ``table[row, a..b]`` (table (K, n); row, a <= b index tensors of one
+    shape) by a sparse table of minima and maxima over windows of 2^k: no monotonicity of the
+    table is assumed, and long tables (window sums) stay small (n log n)."""
+    mins, maxs = [table.long()], [table.long()]
+    while 2 ** len(mins) <= table.shape[1]:
+        h = 2 ** (len(mins) - 1)
+        mins.append(torch.minimum(mins[-1][:, :-h], mins[-1][:, h:]))
+        maxs.append(torch.maximum(maxs[-1][:, :-h], maxs[-1][:, h:]))
+    pad = lambda t: F.pad(t, (0, table.shape[1] - t.shape[1]))  # noqa: E731  (never read)
+    mins_t, maxs_t = torch.stack([pad(t) for t in mins]), torch.stack([pad(t) for t in maxs])
+    length = b - a + 1
+    k = torch.floor(torch.log2(length.double())).long()  # then made exact: 2^k <= length < 2^(k+1)
+    k = k + (torch.bitwise_left_shift(torch.ones_like(k), k + 1) <= length).long()
+    k = k - (torch.bitwise_left_shift(torch.ones_like(k), k) > length).long()
+    other = b - torch.bitwise_left_shift(torch.ones_like(k), k) + 1
+    return (torch.minimum(mins_t[k, row, a], mins_t[k, row, other]),
+            torch.maximum(maxs_t[k, row, a], maxs_t[k, row, other]))
+
+
 def _lookup_interval(op: LookupOp, lo: torch.Tensor, hi: torch.Tensor) -> Interval:
-    """Exact hull of ``table[clamp(q - qmin)]`` over q in [lo, hi]: range minima and maxima of
-    the table (the table need not be monotone)."""
-    t = op.table.long()
-    n = len(t)
-    below = torch.arange(n).view(-1, 1) > torch.arange(n).view(1, -1)  # b < a
-    big = torch.iinfo(torch.long).max
-    rmin = torch.where(below, big, t.view(1, -1)).cummin(1).values  # min t[a..b]
-    rmax = torch.where(below, -big, t.view(1, -1)).cummax(1).values
+    """Exact hull of ``table[clamp(q - qmin)]`` over q in [lo, hi]."""
+    n = len(op.table)
     a, b = (lo - op.qmin).clamp(0, n - 1), (hi - op.qmin).clamp(0, n - 1)
-    return rmin[a, b], rmax[a, b]
+    return _range_hull(op.table.view(1, -1), torch.zeros_like(a), a, b)
+
+
+def _input_interval(op: InputOp, lo: torch.Tensor, hi: torch.Tensor) -> Interval:
+    """Centred input codes over pixel boxes (N, C, H, W). A table (an imported file's own input
+    quantizer) gets its exact hull over each pixel's range; the formula of qrobust's own
+    programs is non-decreasing in the pixel code, so its ends map to ends."""
+    zp = channel_view(op.zero_point, lo.ndim)
+    if op.table is None:
+        return input_codes(op, lo) - zp, input_codes(op, hi) - zp
+    channel = torch.arange(lo.shape[1]).view(1, -1, *([1] * (lo.ndim - 2))).expand_as(lo)
+    low, high = _range_hull(op.table, channel, lo.clamp(0, 255), hi.clamp(0, 255))
+    return low - zp, high - zp
+
+
+def _mul_interval(op: MulOp, a: Interval, b: Interval) -> Interval:
+    """Exact hull of the product of centred codes: a bilinear map is extreme at corners."""
+    (a_lo, a_hi), (b_lo, b_hi) = ((lo - z, hi - z) for (lo, hi), z in
+                                  zip((a, b), op.zero_points, strict=True))
+    corners = torch.stack(torch.broadcast_tensors(a_lo * b_lo, a_lo * b_hi, a_hi * b_lo,
+                                                  a_hi * b_hi))
+    return corners.amin(0), corners.amax(0)
+
+
+def _float_avg_pool_exact(op: FloatAvgPoolOp, v: torch.Tensor) -> torch.Tensor:
+    """The executor's float average pool (exact) as int64. Non-decreasing in each code when
+    both scales are > 0 (checked by verify.search.check_supported): float32 dequantization,
+    float32 sums, divisions by positive numbers, each rounded to nearest, then round half to
+    even and a clamp."""
+    return torch.round(float_avg_pool(op, v)).clamp(op.lo, op.hi).long()
 
 
 def interval_bounds(program: Program, lo: torch.Tensor, hi: torch.Tensor) -> dict[str, Interval]:
@@ -133,8 +205,7 @@ def interval_bounds(program: Program, lo: torch.Tensor, hi: torch.Tensor) -> dic
     env: dict[str, Interval] = {}
     for op in program.ops:
         if isinstance(op, InputOp):
-            zp = channel_view(op.zero_point, lo.ndim)
-            env[op.out] = (input_codes(op, lo) - zp, input_codes(op, hi) - zp)
+            env[op.out] = _input_interval(op, lo, hi)
         elif isinstance(op, (ConvOp, GroupConvOp, LinearOp)):
             env[op.out] = _affine_interval(op, *env[op.inp])
         elif isinstance(op, WindowSumPoolOp):
@@ -146,10 +217,7 @@ def interval_bounds(program: Program, lo: torch.Tensor, hi: torch.Tensor) -> dic
             env[op.out] = _lookup_interval(op, *env[op.inp])
         elif isinstance(op, ClampOp):
             env[op.out] = tuple(v.clamp(op.lo, op.hi) for v in env[op.inp])  # type: ignore[assignment]
-        elif isinstance(op, RequantOp):
-            if op.rounding != "fixed":
-                raise ConfigError(f"the verifier supports the 'fixed' requantization rounding "
-                                  f"only; '{op.out}' rounds as {op.rounding!r}")
+        elif isinstance(op, RequantOp):  # non-decreasing in each term (multipliers >= 0)
             env[op.out] = (requantize_exact([env[t.slot][0] for t in op.terms], op),
                            requantize_exact([env[t.slot][1] for t in op.terms], op))
         elif isinstance(op, MaxPoolOp):
@@ -158,6 +226,10 @@ def interval_bounds(program: Program, lo: torch.Tensor, hi: torch.Tensor) -> dic
         elif isinstance(op, SumPoolOp):
             env[op.out] = tuple((v - op.zero_point).sum(dim=(2, 3), keepdim=True)
                                 for v in env[op.inp])  # type: ignore[assignment]
+        elif isinstance(op, MulOp):
+            env[op.out] = _mul_interval(op, env[op.inps[0]], env[op.inps[1]])
+        elif isinstance(op, FloatAvgPoolOp):
+            env[op.out] = tuple(_float_avg_pool_exact(op, v) for v in env[op.inp])  # type: ignore[assignment]
         elif isinstance(op, FlattenOp):
             env[op.out] = tuple(v.flatten(1) for v in env[op.inp])  # type: ignore[assignment]
         elif isinstance(op, ReluOp):
@@ -234,13 +306,37 @@ class Chain:
 
 
 def step_of_requant(op: RequantOp) -> Step:
-    """The :class:`Step` of a one-term requantization (per-channel multipliers and shifts)."""
+    """The :class:`Step` of a one-term requantization (per-channel multipliers and shifts):
+    the exact real value ``r (a - z_t)`` (a rate r exact in float64) and the most the rounded
+    result ``x`` (before the clamp) can differ from it, ``x - r (a - z_t)`` in [d_lo, d_hi]:
+
+    - "fixed": floor(w + 1/2), w with 2^S w an integer: d in [-1/2 + 2^-S, 1/2];
+    - "tflite" / "ruy": a rounding to nearest of ``X = a' m 2^-31`` (the doubling high
+      multiply, a' the shifted centred sum), then, when S > 31, a rounding to nearest of its
+      quotient by 2^k, k = S - 31: ``|h - X| <= 1/2`` and ``|x - h 2^-k| <= 1/2``, so
+      ``|x - r a'| <= 1/2 + 2^-(k+1)`` (r = m 2^(left_shift - S));
+    - "float32": ``x = rne(fl(fl(a') M))``, M the float32 multiplier (r = M exactly):
+      ``|fl(fl(a') M) - a' M| <= 2.01 u |a' M| + 2^-149`` (u = 2^-24, two roundings,
+      subnormals included). Only ``|a' M| <= B = max(|L|, |H|) + 2`` matters: beyond it x
+      rounds past the clamp on the same side as ``a' M +- 1/2``, so the envelopes clamp to the
+      same end. So d in [-1/2 - e, 1/2 + e] with e = 2^-22 (B + 1) > 2.01 u B + 2^-149."""
     n = op.shift.numel()
     full = lambda v: torch.full((n,), float(v), dtype=torch.float64)  # noqa: E731
     shift = op.shift.double()
-    rate = op.terms[0].multiplier.double() * torch.pow(2.0, -shift)
-    return Step(op.out, op, rate, full(op.terms[0].zero_point), -0.5 + torch.pow(2.0, -shift),
-                full(0.5), full(op.lo - op.zero_point), full(op.hi - op.zero_point),
+    term = op.terms[0]
+    low, high = op.lo - op.zero_point, op.hi - op.zero_point
+    if op.rounding == "fixed":
+        rate = term.multiplier.double() * torch.pow(2.0, -shift)
+        d_lo, d_hi = -0.5 + torch.pow(2.0, -shift), full(0.5)
+    elif op.rounding == "float32":
+        rate = term.real_multiplier.float().double().expand(n)  # the executor's float32 M
+        err = full(2.0**-22 * (max(abs(low), abs(high)) + 3))
+        d_lo, d_hi = -0.5 - err, 0.5 + err
+    else:  # "tflite", "ruy"
+        rate = term.multiplier.double() * torch.pow(2.0, op.left_shift - shift)
+        err = torch.where(shift > 31, torch.pow(2.0, 30 - shift), 0.0)
+        d_lo, d_hi = -0.5 - err, 0.5 + err
+    return Step(op.out, op, rate, full(term.zero_point), d_lo, d_hi, full(low), full(high),
                 full(op.zero_point))
 
 
@@ -254,12 +350,18 @@ def step_of_relu(op: ReluOp, n: int) -> Step:
 
 def mlp_chain(program: Program) -> Chain | None:
     """The program as a :class:`Chain`, or None when it is not a straight-line MLP (then only
-    intervals apply)."""
+    intervals apply). Lookup tables right after the input (a TFLite file's own QUANTIZE) are
+    elementwise, so the chain starts at their output: its box is the tables' exact hulls."""
     ops = program.ops
     if not ops or not isinstance(ops[0], InputOp) or not isinstance(ops[-1], OutputOp):
         return None
-    prev, width, stages = ops[0].out, math.prod(program.input_shape), []
-    for op in ops[1:-1]:
+    start = 1
+    while (start < len(ops) - 1 and isinstance(ops[start], LookupOp)
+           and ops[start].inp == ops[start - 1].out):
+        start += 1
+    first = ops[start - 1].out
+    prev, width, stages = first, math.prod(program.input_shape), []
+    for op in ops[start:-1]:
         reads = ([t.slot for t in op.terms] if isinstance(op, RequantOp) else
                  [getattr(op, "inp", None)])
         if reads != [prev]:
@@ -276,9 +378,10 @@ def mlp_chain(program: Program) -> Chain | None:
                 return None
             stages.append(Affine(op.out, w, bias.double()))
             width = op.weight.shape[0]
-        elif (isinstance(op, RequantOp) and not op.sign and len(op.terms) == 1
-              and op.rounding == "fixed"):
-            if op.terms[0].multiplier.max() >= 2**52 or op.terms[0].multiplier.min() < 0:
+        elif isinstance(op, RequantOp) and not op.sign and len(op.terms) == 1:
+            term = op.terms[0]
+            if term.multiplier.max() >= 2**52 or term.multiplier.min() < 0 or (
+                    op.rounding == "float32" and not bool((term.real_multiplier >= 0).all())):
                 return None
             stages.append(step_of_requant(op))
         elif isinstance(op, ReluOp):
@@ -288,7 +391,7 @@ def mlp_chain(program: Program) -> Chain | None:
         prev = op.out
     if ops[-1].inp != prev or not stages or not isinstance(stages[0], Affine):
         return None
-    return Chain(ops[0].out, tuple(stages))
+    return Chain(first, tuple(stages))
 
 
 def _envelope(st: Step, p: torch.Tensor, upper: bool) -> torch.Tensor:

@@ -63,8 +63,9 @@ def eps_codes(value: int | float | str) -> int:
 def integer_program(twin: nn.Module, input_shape: tuple[int, ...]) -> Program:
     """The exact integer program of a quantized twin (or an imported file's twin: its own
     program) for images of ``input_shape`` (C, H, W); a ConfigError that says why when there
-    is none the verifier takes (float activations, an unsupported layer, an imported program
-    with an input table or float requantization), raised before any query runs."""
+    is none the verifier takes (float activations, an unsupported layer, an op the bounds
+    cannot follow: :func:`~qrobust.verify.search.check_supported`), raised before any query
+    runs."""
     from qrobust.integer import to_integer
     from qrobust.integer.imports import ProgramTwin
     from qrobust.verify.search import check_supported

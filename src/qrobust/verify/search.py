@@ -23,10 +23,11 @@ Method (the branch and bound of Bunel et al., arXiv 1711.00455, on the input dom
    linear bound). Input splitting keeps every sub-problem a box of integer pixels, and the
    domain is finite: a box of one point is decided exactly by the reference executor, so
    the search ends with ``robust`` or ``vulnerable`` unless the clock runs out (``timeout``);
-5. MLP programs with one output scale: when input splitting has not decided within
-   ``bab_share`` of the time, the exact mixed-integer program of :mod:`qrobust.verify.milp`
-   (branching on neurons instead of pixels) gets the rest; its proofs rest on HiGHS's
-   arithmetic within a stated margin, so verdicts name the method that decided them.
+5. fixed-point MLP programs (qrobust's own, not imported files) with one output scale:
+   when input splitting has not decided within ``bab_share`` of the time, the exact
+   mixed-integer program of :mod:`qrobust.verify.milp` (branching on neurons instead of
+   pixels) gets the rest; its proofs rest on HiGHS's arithmetic within a stated margin, so
+   verdicts name the method that decided them.
 
 Margins are compared as integers (the linear bound's ceiling) when the output scale is one
 positive number and the output integers are small (|v| <= 2^22): then the executor's
@@ -46,9 +47,10 @@ from typing import Literal
 import torch
 
 from qrobust.errors import ConfigError
-from qrobust.integer.program import Program, RequantOp, input_codes
+from qrobust.integer.program import FloatAvgPoolOp, Program, ReluOp, RequantOp, input_codes
 from qrobust.integer.reference import ReferenceIntegerModel, execute
 from qrobust.verify.bounds import (
+    BOUNDED_OPS,
     Affine,
     Chain,
     interval_bounds,
@@ -136,12 +138,33 @@ def _integer(value, name: str) -> int:
 
 
 def check_supported(program: Program) -> None:
-    """A ConfigError for programs the bounds do not follow (checked before any query runs)."""
-    if program.input_op.table is not None or any(
-            isinstance(op, RequantOp) and op.rounding != "fixed" for op in program.ops):
-        raise ConfigError("the verifier's bounds follow qrobust's fixed-point programs; an "
-                          "imported program (input table, float requantization) is not "
-                          "supported yet")
+    """A ConfigError for programs the bounds do not follow (checked before any query runs):
+    an op without an interval rule, or one that is not non-decreasing where the bounds need it
+    (a negative requantization multiplier, a float average pool with a scale <= 0)."""
+    for op in program.ops:
+        if not isinstance(op, BOUNDED_OPS):
+            raise ConfigError(f"the verifier has no bounds for {type(op).__name__} "
+                              f"('{getattr(op, 'out', '')}'); supported: "
+                              f"{', '.join(t.__name__ for t in BOUNDED_OPS)}")
+        if isinstance(op, RequantOp) and any(
+                bool((t.multiplier < 0).any() or (op.rounding == "float32"
+                                                   and not (t.real_multiplier >= 0).all()))
+                for t in op.terms):
+            raise ConfigError("the program has a negative requantization multiplier; the bounds "
+                              "need non-decreasing requantization (multipliers >= 0)")
+        if isinstance(op, FloatAvgPoolOp) and not (op.scale > 0 and op.out_scale > 0):
+            raise ConfigError(f"the float average pool '{op.out}' has a scale <= 0; the bounds "
+                              "need it non-decreasing (scales > 0)")
+
+
+def exact_milp(program: Program, chain: Chain | None) -> bool:
+    """Whether the MILP stage follows the program exactly: an MLP chain of qrobust's own
+    fixed-point requantizations read from the input formula (no input or lookup table, no
+    imported rounding), as :mod:`qrobust.verify.milp` encodes them."""
+    return (chain is not None and chain.input_slot == program.input_op.out
+            and program.input_op.table is None
+            and all(isinstance(st, Affine) or isinstance(st.op, ReluOp)
+                    or st.op.rounding == "fixed" for st in chain.stages))
 
 
 def make_query(model, image_codes: torch.Tensor, label: int, eps: int,
@@ -172,10 +195,6 @@ def make_query(model, image_codes: torch.Tensor, label: int, eps: int,
     if bool((scale <= 0).any()):
         raise ConfigError("the program's output scale must be positive")
     check_supported(program)
-    if any(bool((t.multiplier < 0).any()) for op in program.ops if isinstance(op, RequantOp)
-           for t in op.terms):
-        raise ConfigError("the program has a negative requantization multiplier; the bounds "
-                          "need non-decreasing requantization (multipliers >= 0)")
     return Query(program, (image - eps).clamp(0, 255), (image + eps).clamp(0, 255), label, classes,
                  ties)
 
@@ -294,7 +313,10 @@ def smooth_margin(chain: Chain, program: Program, pixels: torch.Tensor, label: i
     kept) on pixel codes (N, C, H, W): its output margin (N,) float64, a surrogate that moves
     where the integer margin is flat."""
     op = program.input_op
-    x = (input_codes(op, pixels) - op.zero_point.view(1, -1, *([1] * (pixels.ndim - 2))))
+    if chain.input_slot == op.out:
+        x = input_codes(op, pixels) - op.zero_point.view(1, -1, *([1] * (pixels.ndim - 2)))
+    else:  # the chain starts after input lookup tables: the executor's values there
+        x = execute(program, pixels, keep=True)[chain.input_slot]
     x = x.flatten(1).double()
     for st in chain.stages:
         if isinstance(st, Affine):
@@ -442,7 +464,7 @@ def milp_stage(query: Query, bound: Bounder, deadline: float
     the loosened program that does not reproduce)."""
     from qrobust.verify import milp  # scipy's HiGHS: loaded only when a query needs it
 
-    if bound.chain is None or not bound.integer:
+    if not exact_milp(query.program, bound.chain) or not bound.integer:
         return None, None
     env = interval_bounds(query.program, query.lo[None], query.hi[None])
     x_lo, x_hi = (v.flatten(1) for v in env[bound.chain.input_slot])
@@ -476,12 +498,12 @@ def verify(program_or_integer_model, image_codes: torch.Tensor, label: int, eps:
     ``program_or_integer_model``: a lowered :class:`Program` or a ReferenceIntegerModel.
     ``timeout``: wall-clock seconds for the whole query. The bounds of the whole box come
     first (a proof there ends the query), then the attack gets ``attack_share`` of the time (0
-    skips it), then input-splitting branch and bound; for MLP programs with one output
-    scale (``use_milp``) the branch and bound stops after ``bab_share`` of the time and the
-    exact MILP (:mod:`qrobust.verify.milp`) gets the rest, then branch and bound again if the
-    MILP could not decide. ``seed`` seeds the attack's torch.Generator; ``ties``: 'first' (the
-    executor's argmax, ties to the lowest index) or 'label' (the label wins ties). Raises
-    ConfigError for bad input."""
+    skips it), then input-splitting branch and bound; for fixed-point MLP programs with one
+    output scale (``use_milp``; not imported files, :func:`exact_milp`) the branch and bound
+    stops after ``bab_share`` of the time and the exact MILP (:mod:`qrobust.verify.milp`)
+    gets the rest, then branch and bound again if the MILP could not decide. ``seed`` seeds
+    the attack's torch.Generator; ``ties``: 'first' (the executor's argmax, ties to the
+    lowest index) or 'label' (the label wins ties). Raises ConfigError for bad input."""
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
     start = time.perf_counter()
@@ -499,7 +521,7 @@ def verify(program_or_integer_model, image_codes: torch.Tensor, label: int, eps:
         if found is not None:
             method = "attack"
         else:
-            milp_ok = use_milp and bound.chain is not None and bound.integer
+            milp_ok = use_milp and exact_milp(query.program, bound.chain) and bound.integer
             first = min(deadline, time.perf_counter() + bab_share * timeout) if milp_ok else deadline
             status, nodes, found = branch_and_bound(query, first, batch, max_nodes)
             method = "branch-and-bound"
