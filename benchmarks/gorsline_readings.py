@@ -65,14 +65,40 @@ def run(reading: str, bits: int, seed: int, data) -> dict:
             "seconds": round(time.perf_counter() - start, 1), "paper": PAPER.get(bits)}
 
 
+def markdown(rows: list[dict]) -> str:
+    """Mean (and spread, with several seeds) test accuracy per reading and bit width."""
+    bits = sorted({r["bits"] for r in rows})
+    md = ["| reading | " + " | ".join(f"{b} bit{'s' if b > 1 else ''}" for b in bits) + " |",
+          "|---|" + "---|" * len(bits),
+          "| paper | " + " | ".join(f"{PAPER.get(b, '-')}" for b in bits) + " |"]
+    for reading in dict.fromkeys(r["reading"] for r in rows):
+        cells = []
+        for b in bits:
+            acc = [100 * r["test_acc"] for r in rows if r["reading"] == reading and r["bits"] == b]
+            if not acc:
+                cells.append("-")
+                continue
+            mean = sum(acc) / len(acc)
+            spread = f" ({min(acc):.2f}-{max(acc):.2f}, {len(acc)} seeds)" if len(acc) > 1 else ""
+            cells.append(f"{mean:.2f}{spread}")
+        md.append(f"| {reading} | " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--readings", nargs="+", default=list(READINGS), choices=list(READINGS))
     ap.add_argument("--bits", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--out", default="benchmarks/results/gorsline_readings.json")
+    ap.add_argument("--table", action="store_true", help="only write the markdown table")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.table:
+        out.with_suffix(".md").write_text(
+            "# Readings of Gorsline et al.'s quantizer: MNIST test accuracy (%, 10,000 images)\n\n"
+            + markdown(json.loads(out.read_text())["rows"]))
+        return
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     done = {(r["reading"], r["bits"], r["seed"]) for r in rows}
     data = load_dataset("mnist")
