@@ -45,9 +45,6 @@ EPS_CODES = (1, 2, 4, 26)
 # accuracy stays high), a large one for eps = 0.1.
 TRAINED = {"certified-mlp64-eps003-mnist": ("mlp", {"hidden": 64}, 10, 0.03),
            "certified-mlp64-eps015-mnist": ("mlp", {"hidden": 64}, 10, 0.15),
-           # longer runs at training eps nearer the radii they are verified at
-           "certified-mlp64-eps002-mnist": ("mlp", {"hidden": 64}, 20, 0.02),
-           "certified-mlp64-eps011-mnist": ("mlp", {"hidden": 64}, 20, 0.11),
            "certified-small-cnn8-eps004-mnist": ("small-cnn", {"width": 8}, 5, 0.04),
            "certified-small-cnn8-eps015-mnist": ("small-cnn", {"width": 8}, 6, 0.15)}
 
