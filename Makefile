@@ -23,7 +23,8 @@ demo: $(STAMP)
 	$(BIN)/qrobust demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	# two workers: tests pin torch to one thread each (tests/conftest.py), CI has 2 cores
+	$(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

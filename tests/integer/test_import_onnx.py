@@ -238,14 +238,16 @@ def test_program_storage_round_trip(tmp_path):
         assert torch.equal(twin(images(n=64)), program_twin(imp.program)(images(n=64)))
 
 
-def test_verifier_refuses_imported_programs(tmp_path):
-    from qrobust.errors import ConfigError
-    from qrobust.verify.search import make_query
+def test_verifier_decides_imported_programs(tmp_path):
+    """An imported conv program is verified (tests/verify/test_imported.py checks soundness):
+    at eps 0 the box is the image itself, robust for its own prediction."""
+    from qrobust.integer.reference import execute
+    from qrobust.verify import verify
 
     imp = import_file(make_file(tmp_path, Family("conv")), mean=(0.5,), std=(0.25,))
     codes = pixel_codes(images(n=1))[0]
-    with pytest.raises(ConfigError, match="imported program"):
-        make_query(imp.program, codes, 0, 1)
+    pred = int(execute(imp.program, codes.unsqueeze(0))["logits"].argmax(1))
+    assert verify(imp.program, codes, pred, 0, timeout=10).status == "robust"
 
 
 def test_unknown_suffix_is_refused(tmp_path):
