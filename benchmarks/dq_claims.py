@@ -47,13 +47,14 @@ def paired(a: dict[int, dict], b: dict[int, dict], key: str) -> dict:
     seeds = sorted(set(a) & set(b))
     d = [a[s][key] - b[s][key] for s in seeds]
     mean = sum(d) / len(d)
-    if len(d) < 2:
-        return {"diff": mean, "ci": None, "seeds": seeds}
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
-    half = student_t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
-    return {"diff": mean, "ci": [mean - half, mean + half], "seeds": seeds,
-            "a": sum(a[s][key] for s in seeds) / len(seeds),
-            "b": sum(b[s][key] for s in seeds) / len(seeds)}
+    out = {"diff": mean, "ci": None, "seeds": seeds,
+           "a": sum(a[s][key] for s in seeds) / len(seeds),
+           "b": sum(b[s][key] for s in seeds) / len(seeds)}
+    if len(d) >= 2:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        half = student_t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
+        out["ci"] = [mean - half, mean + half]
+    return out
 
 
 def verdict(p: dict) -> str:

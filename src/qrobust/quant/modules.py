@@ -43,7 +43,7 @@ MIN_SCALE = 1e-8  # a learned scale is kept positive
 def lsq_scale(scale: torch.Tensor, per_scale: int, spec: QuantSpec) -> torch.Tensor:
     """A learned scale as used in training: positive, with LSQ's gradient scale
     ``1 / sqrt(per_scale qmax)`` (``per_scale``: values quantized with each scale)."""
-    return grad_scale(scale.clamp(min=MIN_SCALE), 1.0 / math.sqrt(per_scale * max(spec.qmax, 1)))
+    return grad_scale(scale.clamp(min=MIN_SCALE), 1.0 / math.sqrt(per_scale * spec.qmax))
 
 
 class QuantInput(nn.Module):

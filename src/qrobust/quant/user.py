@@ -11,13 +11,13 @@ is loaded.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qrobust.data.sources import file_digest
 from qrobust.errors import ConfigError
 from qrobust.models import Normalize, load_user_model
 from qrobust.quant.convert import QuantTwin, quantize
@@ -105,12 +105,5 @@ def user_model_meta(spec: str, twin: QuantTwin, num_classes: int, kwargs: dict |
     return {"arch": spec, "factory": spec, "kwargs": dict(kwargs or {}),
             "input_shape": list(shape), "num_classes": int(num_classes),
             "weights": None if weights is None else {"path": str(Path(weights).resolve()),
-                                                     "sha256": _sha256(weights)}}
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+                                                     "sha256": file_digest(Path(weights),
+                                                                           "sha256")}}
