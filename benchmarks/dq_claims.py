@@ -8,6 +8,9 @@ Each comparison is paired by seed (the same float model, the same test points): 
 difference, its mean and 95% Student-t interval over seeds. A claim holds at a (bits, eps,
 beta) where the interval lies above 0, fails where it lies below, and is not shown otherwise.
 Robust accuracy is the adaptive attack's (after the masking checks), the plain one beside it.
+The study's two training-free or ensemble defenses (Stochastic-Shield on the float model, the
+stochastic-quantizer ensemble) get the same paired comparison against the undefended float
+model, plain and adaptive.
 
     .venv/bin/python benchmarks/dq_claims.py runs/dq-fmnist --json benchmarks/results/dq_fashion_mnist.json
 """
@@ -83,13 +86,40 @@ def claims(data: dict, base: str) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict]) -> str:
-    def cell(p: dict | None) -> str:
-        if p is None:
-            return "-"
-        ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
-        return f"{p['diff']:+.3f}{ci} {verdict(p)}"
+def defenses(data: dict, base: str) -> list[dict]:
+    """Each defended row that is neither DQ nor vanilla QAT against the undefended float
+    model, paired by seed: robust accuracy (its own mean beside the float one) and clean."""
+    out = []
+    for (model, recipe, defense, kind, eps), d in sorted(data.items()):
+        if model.startswith(("dq-", "qat")) or (model == base and defense == "none"):
+            continue
+        fp = data.get((base, recipe, "none", kind, eps))
+        if fp:
+            out.append({"model": model, "defense": defense, "attack": kind, "eps_255": eps,
+                        "robust_vs_float": paired(d, fp, "robust"),
+                        "clean_vs_float": paired(d, fp, "clean")})
+    return out
 
+
+def cell(p: dict | None) -> str:
+    if p is None:
+        return "-"
+    ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+    return f"{p['diff']:+.3f}{ci} {verdict(p)}"
+
+
+def markdown_defenses(rows: list[dict]) -> str:
+    md = ["| model | defense | attack | eps | robust (defended / float, seeds) | defended - float "
+          "(robust) | defended - float (clean) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["robust_vs_float"]
+        md.append(f"| {r['model']} | {r['defense'].split('(')[0]} | {r['attack']} | "
+                  f"{r['eps_255']}/255 | {p['a']:.3f} / {p['b']:.3f} ({len(p['seeds'])}) | "
+                  f"{cell(p)} | {cell(r['clean_vs_float'])} |")
+    return "\n".join(md) + "\n"
+
+
+def markdown(rows: list[dict]) -> str:
     md = ["| recipe | beta | attack | eps | 1: DQ - vanilla QAT (robust) | 2: DQ - float (robust) "
           "| 3: DQ - vanilla QAT (clean) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -105,11 +135,14 @@ def main() -> None:
     ap.add_argument("--base", default="small-cnn", help="label of the float model")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    rows = claims(per_seed(Path(args.run) / "results.sqlite"), args.base)
-    text = markdown(rows)
+    data = per_seed(Path(args.run) / "results.sqlite")
+    rows, other = claims(data, args.base), defenses(data, args.base)
+    text = (markdown(rows) + "\n## Shield and the stochastic-quantizer ensemble against the "
+            "undefended float model, paired by seed\n\n" + markdown_defenses(other))
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"run": args.run, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"run": args.run, "rows": rows,
+                                               "defenses": other}, indent=1))
         Path(args.json).with_suffix(".md").write_text(
             "# DQ's claims, paired by seed (mean difference [95% t interval over seeds])\n\n"
             + text)
