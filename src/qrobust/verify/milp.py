@@ -228,10 +228,10 @@ def _integrality(model: _Model, inputs: set[int], level: str) -> list[int]:
 
 
 def search(chain: Chain, values, label: int, others: list[int], lower_index: list[bool],
-           deadline: float, counterexample: Callable[[np.ndarray], T | None]
-           ) -> tuple[str, T | None]:
+           deadline: float, counterexample: Callable[[np.ndarray], T | None],
+           levels: tuple[str, ...] = LEVELS) -> tuple[str, T | None]:
     """Decide the margin problems of classes ``others`` (most promising first). Every class
-    is tried at each level of :data:`LEVELS` in turn, all open classes at one level before
+    is tried at each of ``levels`` (:data:`LEVELS`) in turn, all open classes at one level before
     any at the next (a loose level proves most classes in a fraction of a second), each as
     ``maximise out_j - out_y subject to out_j - out_y >= need`` (the objective gives the
     solver's branching a signal a pure feasibility problem lacks). Returns ('infeasible',
@@ -240,7 +240,7 @@ def search(chain: Chain, values, label: int, others: list[int], lower_index: lis
     None) at the deadline or when a point of the exact (loosened) program gets None."""
     open_ = list(zip(others, lower_index, strict=True))
     input_set: set[int] = set()
-    for level in LEVELS:
+    for level in levels:
         still = []
         for j, tie_loses in open_:
             model, inputs, exprs = encode(chain, values, [j, label])
