@@ -409,7 +409,7 @@ def test_each_milp_level_alone_is_sound(level):
         others = [j for j in range(query.classes) if j != label]
         status, _ = milp.search(bound.chain, lin.values, label, others,
                                 [j < label for j in others], math.inf, lambda p: None,
-                                levels=(level,))
+                                schedule=((level, math.inf),))
         counts[status] += 1
         if status == "infeasible":
             assert not bool(misclassified(program, enumerate_box(image, eps), label).any())

@@ -21,9 +21,10 @@ one problem, ``maximise out_j - out_y subject to out_j - out_y >= need`` (only t
 neurons j and y encoded), the objective only steering HiGHS's branching and heuristics: it
 stops at the first feasible point. Each class is solved at three levels of integrality
 (:data:`LEVELS`): only the clamps' binaries integer, then the rounding codes too, then the
-inputs too (the exact program). Dropping integrality only adds points, so each level is a
-relaxation of the next and "infeasible" at any level proves the class; a feasible point of a
-loose level is tried (below) and otherwise passes the class up a level.
+inputs too (the exact program), in the order of :data:`SCHEDULE` (a short try with the codes
+integer first). Dropping integrality only adds points, so each level is a relaxation of the
+next and "infeasible" at any level proves the class; a feasible point of a loose level is
+tried (below) and otherwise passes the class up a level.
 
 **Trust**: HiGHS works in floating point with tolerances ~1e-7 to
 1e-6. Every inequality above is loosened by ``SLACK`` (in units of one output code of its
@@ -42,6 +43,7 @@ that is not misclassified decides nothing.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -87,8 +89,9 @@ class _Model:
         self.row_lo.append(lo)
         self.row_hi.append(hi)
 
-    def solve(self, time_limit: float, objective: np.ndarray):
-        """HiGHS on the model, minimising ``objective``; it stops at the first feasible point
+    def solve(self, time_limit: float, objective: np.ndarray, integer: list[int]):
+        """HiGHS on the model with the integrality ``integer`` (a relaxation where it drops
+        some of the model's own), minimising ``objective``; it stops at the first feasible point
         found (``mip_max_improving_sols``: any point of the program answers the question, the
         objective only steers the search)."""
         n = len(self.lower)
@@ -100,7 +103,7 @@ class _Model:
         a = csr_array((data, cols, ptr), shape=(len(self.rows), n))
         with warnings.catch_warnings():  # scipy passes options it does not know to HiGHS
             warnings.simplefilter("ignore", RuntimeWarning)
-            return milp(objective, integrality=np.array(self.integer),
+            return milp(objective, integrality=np.array(integer),
                         bounds=Bounds(np.array(self.lower), np.array(self.upper)),
                         constraints=LinearConstraint(a, np.array(self.row_lo),
                                                      np.array(self.row_hi)),
@@ -210,13 +213,18 @@ def encode(chain: Chain, values: list[tuple[torch.Tensor, torch.Tensor]],
     return model, inputs, exprs
 
 
-# The relaxations each class is tried with, loosest first: the integer variables that stay
+# The relaxations of a class's problem, loosest first: the integer variables that stay
 # integer. Each one's feasible set contains the next one's (dropping integrality only adds
-# points), so "infeasible" at any level proves the class; a point found at a loose level is
-# tried on the executor and otherwise passed up. The clamps' switches are what the search
-# branches on; general-integer rounding codes and inputs are many and slow to branch on, and
-# rarely needed for a proof.
+# points), so "infeasible" at any level proves the class, and a point at one level is a point
+# of every looser one. The clamps' switches are what a proof mostly branches on; the
+# general-integer rounding codes and inputs are many and slow to branch on, yet the codes'
+# integrality sometimes lets HiGHS's cuts prove in a second what the switches alone take ten
+# for (and the other way round).
 LEVELS = ("switches", "codes", "inputs")
+# The tries, in order, as (level, seconds at most): a short one with the codes integer, then
+# each level without a cap (the deadline's). A try that runs out of its seconds decides
+# nothing and the class stays open for the next.
+SCHEDULE = (("codes", 2.0), ("switches", math.inf), ("codes", math.inf), ("inputs", math.inf))
 
 
 def _integrality(model: _Model, inputs: set[int], level: str) -> list[int]:
@@ -227,55 +235,71 @@ def _integrality(model: _Model, inputs: set[int], level: str) -> list[int]:
     return list(model.integer)
 
 
+def _problem(chain: Chain, values, label: int, j: int, tie_loses: bool):
+    """(model, input variables, margin row) of class j: the margin's row already bounded below
+    by ``need - 1/2``, or None when the margin is a constant that never reaches ``need``
+    (raises LookupError when it always does: misclassified everywhere)."""
+    model, inputs, exprs = encode(chain, values, [j, label])
+    (j_coeffs, j_const), (y_coeffs, y_const) = exprs[j], exprs[label]
+    row = dict(j_coeffs)
+    for k, c in y_coeffs.items():
+        row[k] = row.get(k, 0.0) - c
+    need = (0.0 if tie_loses else 1.0) - (j_const - y_const)
+    if not row:
+        if need <= 0:
+            raise LookupError(j)
+        return None
+    model.row(row, need - 0.5, np.inf)
+    return model, inputs, row
+
+
 def search(chain: Chain, values, label: int, others: list[int], lower_index: list[bool],
            deadline: float, counterexample: Callable[[np.ndarray], T | None],
-           levels: tuple[str, ...] = LEVELS) -> tuple[str, T | None]:
-    """Decide the margin problems of classes ``others`` (most promising first). Every class
-    is tried at each of ``levels`` (:data:`LEVELS`) in turn, all open classes at one level before
-    any at the next (a loose level proves most classes in a fraction of a second), each as
-    ``maximise out_j - out_y subject to out_j - out_y >= need`` (the objective gives the
-    solver's branching a signal a pure feasibility problem lacks). Returns ('infeasible',
-    None) when every class is infeasible, ('vulnerable', what ``counterexample`` makes of the
-    first point (its rounded centred input codes) it does not answer None for), ('unknown',
-    None) at the deadline or when a point of the exact (loosened) program gets None."""
-    open_ = list(zip(others, lower_index, strict=True))
-    input_set: set[int] = set()
-    for level in levels:
-        still = []
-        for j, tie_loses in open_:
-            model, inputs, exprs = encode(chain, values, [j, label])
-            input_set = set(inputs)
-            (j_coeffs, j_const), (y_coeffs, y_const) = exprs[j], exprs[label]
-            row = dict(j_coeffs)
-            for k, c in y_coeffs.items():
-                row[k] = row.get(k, 0.0) - c
-            need = (0.0 if tie_loses else 1.0) - (j_const - y_const)
-            if not row:
-                if need <= 0:
-                    return "unknown", None  # misclassified everywhere: the attack should have seen it
-                continue
-            model.integer = _integrality(model, input_set, level)
-            model.row(row, need - 0.5, np.inf)
-            objective = np.zeros(len(model.lower))
-            for k, c in row.items():
-                objective[k] = -c
+           schedule: tuple[tuple[str, float], ...] = SCHEDULE) -> tuple[str, T | None]:
+    """Decide the margin problems of classes ``others`` (most promising first). The tries of
+    ``schedule`` (:data:`SCHEDULE`) run in turn, each over all open classes before the next
+    (a loose level proves most classes in a fraction of a second), each class as ``maximise
+    out_j - out_y subject to out_j - out_y >= need`` (the objective gives the solver's
+    branching a signal a pure feasibility problem lacks). A try is skipped for a class with
+    a point at that level or a tighter one already. Returns ('infeasible', None) when every
+    class is infeasible, ('vulnerable', what ``counterexample`` makes of the first point (its
+    rounded centred input codes) it does not answer None for), ('unknown', None) at the
+    deadline, on a solver failure, or when classes remain open after the last try."""
+    problems, feasible = {}, {}
+    for j, tie_loses in zip(others, lower_index, strict=True):
+        try:
+            problem = _problem(chain, values, label, j, tie_loses)
+        except LookupError:
+            return "unknown", None  # misclassified everywhere: the attack should have seen it
+        if problem is not None:
+            problems[j], feasible[j] = problem, -1
+    for level, cap in schedule:
+        rank = LEVELS.index(level)
+        for j in [j for j in problems if feasible[j] < rank]:
+            model, inputs, row = problems[j]
             left = deadline - time.perf_counter()
             if left <= 0:
                 return "unknown", None
+            objective = np.zeros(len(model.lower))
+            for k, c in row.items():
+                objective[k] = -c
             start = time.perf_counter()
-            res = model.solve(left, objective)
-            log.debug("milp class %d (%s): %s in %.2fs", j, level, res.message,
-                      time.perf_counter() - start)
+            res = model.solve(min(left, cap), objective,
+                              _integrality(model, set(inputs), level))
+            log.debug("milp class %d (%s, %.0fs at most): %s in %.2fs", j, level, cap,
+                      res.message, time.perf_counter() - start)
             if res.status == 2:
-                continue  # infeasible: class j is proved
-            if res.x is None:  # the deadline, or a solver failure
-                return "unknown", None
+                del problems[j]  # infeasible: class j is proved
+                continue
+            if res.x is None:
+                if res.status == 1 and cap < left:
+                    continue  # its seconds ran out, not the deadline's: the class stays open
+                return "unknown", None  # the deadline, or a solver failure
             # a point (HiGHS's "solution limit reached", status 4 to scipy, after the first one)
             found = counterexample(np.rint(res.x[inputs]))
             if found is not None:
                 return "vulnerable", found
-            still.append((j, tie_loses))
-        open_ = still
-        if not open_:
+            feasible[j] = rank
+        if not problems:
             return "infeasible", None
     return "unknown", None
