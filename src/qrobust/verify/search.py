@@ -461,9 +461,9 @@ def branch_and_bound(query: Query, deadline: float, batch: int = 64,
 
 def _pixels(query: Query, centred: torch.Tensor, exact: bool = True) -> torch.Tensor | None:
     """Pixel codes (C, H, W) in the query's box whose input codes are ``centred`` + zero point
-    (flat), or None (``exact=False``: the nearest such pixels in the box, never None). With
-    step 1 they are the codes themselves; else ``u step - offset`` maps to u under round half
-    up."""
+    (flat), or None (``exact=False``: the same formula's pixels clamped to the box, never
+    None, even where their codes differ). With step 1 they are the codes themselves; else
+    ``u step - offset`` maps to u under round half up."""
     op = query.program.input_op
     view = lambda t: t.view(-1, *([1] * (query.lo.ndim - 1)))  # noqa: E731
     u = centred.view_as(query.lo) + view(op.zero_point)
