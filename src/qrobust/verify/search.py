@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from qrobust.errors import ConfigError
@@ -62,6 +63,9 @@ from qrobust.verify.bounds import (
 )
 
 log = logging.getLogger(__name__)
+
+# the descent from each MILP point that the executor does not misclassify (milp_stage)
+DESCENT_SECONDS, DESCENT_STEPS = 2.0, 20
 
 Status = Literal["robust", "vulnerable", "timeout"]
 # what decided a verdict: the attack, the sound bounds with input splitting, or the MILP stage
@@ -345,9 +349,7 @@ def _evaluate(query: Query, points: torch.Tensor, chain: Chain | None = None, ch
 def attack(query: Query, gen: torch.Generator, deadline: float, starts: int = 16,
            steps: int = 50) -> torch.Tensor | None:
     """A misclassified point (C, H, W) of the box, or None: the box's centre, its two extreme
-    corners and ``starts`` random points, then greedy coordinate descent on the logit margin from the best
-    one (each step takes the best single-pixel move to an end of its range, or every
-    improving move at once when that is better)."""
+    corners and ``starts`` random points, then :func:`descend` from the best one."""
     lo, hi = query.lo, query.hi
     chain = mlp_chain(query.program)
     centre = ((lo + hi) // 2)[None]
@@ -355,7 +357,19 @@ def attack(query: Query, gen: torch.Generator, deadline: float, starts: int = 16
     score, bad = _evaluate(query, points, chain)
     if bool(bad.any()):
         return points[bad.nonzero()[0, 0]]
-    x, best = points[score.argmin()], float(score.min())
+    return descend(query, points[score.argmin()], deadline, chain, steps)
+
+
+def descend(query: Query, x: torch.Tensor, deadline: float, chain: Chain | None,
+            steps: int = 50) -> torch.Tensor | None:
+    """Greedy coordinate descent on the logit margin from pixel codes x (C, H, W) in the box:
+    each step takes the best single-pixel move to an end of its range, or every improving move
+    at once when that is better. A misclassified point it meets, or None."""
+    lo, hi = query.lo, query.hi
+    score, bad = _evaluate(query, x[None], chain)
+    if bool(bad.any()):
+        return x
+    best = float(score[0])
     for _ in range(steps):
         if time.perf_counter() > deadline:
             break
@@ -445,23 +459,27 @@ def branch_and_bound(query: Query, deadline: float, batch: int = 64,
     return "robust", nodes, None
 
 
-def _pixels(query: Query, centred: torch.Tensor) -> torch.Tensor | None:
+def _pixels(query: Query, centred: torch.Tensor, exact: bool = True) -> torch.Tensor | None:
     """Pixel codes (C, H, W) in the query's box whose input codes are ``centred`` + zero point
-    (flat), or None. With step 1 they are the codes themselves; else ``u step - offset`` maps
-    to u under round half up."""
+    (flat), or None (``exact=False``: the same formula's pixels clamped to the box, never
+    None, even where their codes differ). With step 1 they are the codes themselves; else
+    ``u step - offset`` maps to u under round half up."""
     op = query.program.input_op
     view = lambda t: t.view(-1, *([1] * (query.lo.ndim - 1)))  # noqa: E731
     u = centred.view_as(query.lo) + view(op.zero_point)
     p = (u * op.step - view(op.offset)).clamp(query.lo, query.hi)
-    return p if bool((input_codes(op, p[None])[0] == u).all()) else None
+    return p if not exact or bool((input_codes(op, p[None])[0] == u).all()) else None
 
 
 def milp_stage(query: Query, bound: Bounder, deadline: float
                ) -> tuple[Status | None, torch.Tensor | None]:
     """The exact MILP of an MLP program over the whole box (:mod:`qrobust.verify.milp`):
     ('robust', None), ('vulnerable', pixel codes the executor misclassifies), or (None, None)
-    when it cannot decide (not an MLP with one output scale, the deadline, or a candidate of
-    the loosened program that does not reproduce)."""
+    when it cannot decide (not an MLP with one output scale, the deadline, or a point of the
+    exact loosened program that is not misclassified and from which :func:`descend` finds
+    none either). Every point HiGHS finds, exact or of a relaxation, is rounded into the box
+    and descended from for at most ``DESCENT_SECONDS``: counterexamples come only from the
+    executor, so this is a search heuristic and no part of any proof."""
     from qrobust.verify import milp  # scipy's HiGHS: loaded only when a query needs it
 
     if not exact_milp(query.program, bound.chain) or not bound.integer:
@@ -474,17 +492,22 @@ def milp_stage(query: Query, bound: Bounder, deadline: float
     rows = sorted((~proved).nonzero().squeeze(1).tolist(), key=lambda r: float(slack[r]))
     others = [j for j in range(query.classes) if j != query.label]
 
-    def reproduces(centred) -> bool:
-        pixels = _pixels(query, torch.from_numpy(centred).long())
-        return pixels is not None and bool(margins(query.program, pixels[None], query.label,
-                                                   query.ties)[1][0])
+    chain = bound.chain
 
-    status, found = milp.search(bound.chain, lin.values, query.label, [others[r] for r in rows],
-                                [bool(bound.lower_index[r]) for r in rows], deadline, reproduces)
+    def counterexample(centred: np.ndarray) -> torch.Tensor | None:
+        """A MILP point's pixels if the executor misclassifies them, else what a short
+        descent from them finds (a relaxation's point is often a few pixels off one)."""
+        pixels = _pixels(query, torch.from_numpy(centred).long(), exact=False)
+        end = min(deadline, time.perf_counter() + DESCENT_SECONDS)
+        return descend(query, pixels, end, chain, steps=DESCENT_STEPS)
+
+    status, found = milp.search(chain, lin.values, query.label, [others[r] for r in rows],
+                                [bool(bound.lower_index[r]) for r in rows], deadline,
+                                counterexample)
     if status == "infeasible":
         return "robust", None
     if status == "vulnerable":
-        return "vulnerable", _pixels(query, torch.from_numpy(found).long())
+        return "vulnerable", found
     return None, None
 
 
