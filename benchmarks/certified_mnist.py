@@ -45,6 +45,9 @@ EPS_CODES = (1, 2, 4, 26)
 # accuracy stays high), a large one for eps = 0.1.
 TRAINED = {"certified-mlp64-eps003-mnist": ("mlp", {"hidden": 64}, 10, 0.03),
            "certified-mlp64-eps015-mnist": ("mlp", {"hidden": 64}, 10, 0.15),
+           "certified-mlp64-eps002-20ep-mnist": ("mlp", {"hidden": 64}, 20, 0.02),
+           "certified-mlp64-eps012-20ep-mnist": ("mlp", {"hidden": 64}, 20, 0.12),
+           "certified-mlp64-eps015-40ep-mnist": ("mlp", {"hidden": 64}, 40, 0.15),
            "certified-small-cnn8-eps004-mnist": ("small-cnn", {"width": 8}, 5, 0.04),
            "certified-small-cnn8-eps015-mnist": ("small-cnn", {"width": 8}, 6, 0.15)}
 
