@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
-
-from scipy.stats import t as student_t
 
 from qrobust.eval.grid import row_label
 from qrobust.quant.spec import FLOAT_RECIPES
 from qrobust.report.render import load_rows
+from qrobust.report.tables import seed_interval
 
 
 def per_seed(store: Path) -> dict[tuple, dict[int, dict]]:
@@ -53,10 +51,8 @@ def paired(a: dict[int, dict], b: dict[int, dict], key: str) -> dict:
     out = {"diff": mean, "ci": None, "seeds": seeds,
            "a": sum(a[s][key] for s in seeds) / len(seeds),
            "b": sum(b[s][key] for s in seeds) / len(seeds)}
-    if len(d) >= 2:
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
-        half = student_t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
-        out["ci"] = [mean - half, mean + half]
+    ci = seed_interval(d)  # None for one seed
+    out["ci"] = list(ci) if ci else None
     return out
 
 

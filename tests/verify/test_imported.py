@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,10 @@ from torch import nn
 from qrobust.integer.program import FloatAvgPoolOp, RequantOp, Term
 from qrobust.integer.reference import execute
 from qrobust.verify import interval_bounds, linear_bounds, mlp_chain, verify
-from qrobust.verify.bounds import relax, requantize_exact, step_of_requant
+from qrobust.verify.bounds import requantize_exact, step_of_requant
 from qrobust.verify.search import Bounder, attack, branch_and_bound, make_query, margins
+
+from .test_verify import assert_lines_hold
 
 FIXTURES = Path(__file__).parents[1] / "integer" / "fixtures"
 
@@ -102,15 +103,7 @@ def test_relaxation_lines_hold_for_imported_roundings(seed, rounding, large):
         centre = centre.clamp(-250, 250)
     width = _int(gen, 0, 300 if large else 20, (1, n))
     lo, hi = centre - width, centre + width
-    k_l, b_l, k_u, b_u = relax(step, lo.double(), hi.double())
-    for i in range(n):
-        a = torch.arange(int(lo[0, i]), int(hi[0, i]) + 1)
-        column = torch.zeros(len(a), n, dtype=torch.long)
-        column[:, i] = a
-        exact = requantize_exact([column], op)[:, i]
-        kl, bl, ku, bu = (Fraction(float(t[0, i])) for t in (k_l, b_l, k_u, b_u))
-        for ai, xi in zip(a.tolist(), exact.tolist(), strict=True):
-            assert kl * ai + bl <= xi <= ku * ai + bu, (i, ai, xi)
+    assert_lines_hold(step, lo, hi, lambda column: requantize_exact([column], op))
 
 
 @settings(max_examples=30, deadline=None)

@@ -304,14 +304,23 @@ def test_relaxation_lines_hold_at_every_integer_point(seed, large, relu):
     centre = _int(gen, -2**20, 2**20, (1, n)) if large else _int(gen, -300, 300, (1, n))
     width = _int(gen, 0, 200, (1, n))
     lo, hi = centre - width, centre + width
+    assert_lines_hold(step, lo, hi, lambda column: column.clamp(min=op.zero_point) if relu
+                      else requantize_exact([column], op))
+
+
+def assert_lines_hold(step, lo: torch.Tensor, hi: torch.Tensor, exact) -> None:
+    """Each neuron i's lines of ``relax(step)`` over the boxes [lo, hi] (1, n), checked in
+    exact rational arithmetic at every integer a of its box against ``exact`` (a function of
+    an (len, n) accumulator batch with a in column i, returning the true values)."""
     k_l, b_l, k_u, b_u = relax(step, lo.double(), hi.double())
+    n = lo.shape[1]
     for i in range(n):
         a = torch.arange(int(lo[0, i]), int(hi[0, i]) + 1)
         column = torch.zeros(len(a), n, dtype=torch.long)
         column[:, i] = a
-        exact = (column.clamp(min=op.zero_point) if relu else requantize_exact([column], op))[:, i]
+        x = exact(column)[:, i]
         kl, bl, ku, bu = (Fraction(float(t[0, i])) for t in (k_l, b_l, k_u, b_u))
-        for ai, xi in zip(a.tolist(), exact.tolist(), strict=True):
+        for ai, xi in zip(a.tolist(), x.tolist(), strict=True):
             assert kl * ai + bl <= xi <= ku * ai + bu, (i, ai, xi)
 
 

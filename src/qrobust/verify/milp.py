@@ -227,18 +227,21 @@ LEVELS = ("switches", "codes", "inputs")
 SCHEDULE = (("codes", 2.0), ("switches", math.inf), ("codes", math.inf), ("inputs", math.inf))
 
 
-def _integrality(model: _Model, inputs: set[int], level: str) -> list[int]:
+def _integrality(model: _Model, inputs: list[int], level: str) -> list[int]:
     if level == "switches":
         return [int(b) for b in model.binary]
+    integer = list(model.integer)
     if level == "codes":
-        return [0 if i in inputs else v for i, v in enumerate(model.integer)]
-    return list(model.integer)
+        for i in inputs:
+            integer[i] = 0
+    return integer
 
 
 def _problem(chain: Chain, values, label: int, j: int, tie_loses: bool):
-    """(model, input variables, margin row) of class j: the margin's row already bounded below
-    by ``need - 1/2``, or None when the margin is a constant that never reaches ``need``
-    (raises LookupError when it always does: misclassified everywhere)."""
+    """(model, input variables, objective) of class j: the margin's row already bounded below
+    by ``need - 1/2``, the objective minimising ``-(out_j - out_y)``; or None when the margin
+    is a constant that never reaches ``need`` (raises LookupError when it always does:
+    misclassified everywhere)."""
     model, inputs, exprs = encode(chain, values, [j, label])
     (j_coeffs, j_const), (y_coeffs, y_const) = exprs[j], exprs[label]
     row = dict(j_coeffs)
@@ -250,7 +253,9 @@ def _problem(chain: Chain, values, label: int, j: int, tie_loses: bool):
             raise LookupError(j)
         return None
     model.row(row, need - 0.5, np.inf)
-    return model, inputs, row
+    objective = np.zeros(len(model.lower))
+    objective[list(row)] = [-c for c in row.values()]
+    return model, inputs, objective
 
 
 def search(chain: Chain, values, label: int, others: list[int], lower_index: list[bool],
@@ -276,16 +281,12 @@ def search(chain: Chain, values, label: int, others: list[int], lower_index: lis
     for level, cap in schedule:
         rank = LEVELS.index(level)
         for j in [j for j in problems if feasible[j] < rank]:
-            model, inputs, row = problems[j]
+            model, inputs, objective = problems[j]
             left = deadline - time.perf_counter()
             if left <= 0:
                 return "unknown", None
-            objective = np.zeros(len(model.lower))
-            for k, c in row.items():
-                objective[k] = -c
             start = time.perf_counter()
-            res = model.solve(min(left, cap), objective,
-                              _integrality(model, set(inputs), level))
+            res = model.solve(min(left, cap), objective, _integrality(model, inputs, level))
             log.debug("milp class %d (%s, %.0fs at most): %s in %.2fs", j, level, cap,
                       res.message, time.perf_counter() - start)
             if res.status == 2:
