@@ -116,12 +116,14 @@ def test_certified_training_writes_a_quantized_checkpoint(tmp_path, capsys):
 
     out = tmp_path / "cert"
     assert main(["-q", "train", "--model", "mlp", "--data", "digits", "--epochs", "2",
-                 "--certified-eps", "0.03", "--out", str(out)]) == 0
+                 "--certified-eps", "0.03", "--certified-box", "0.3", "--out", str(out)]) == 0
     meta = read_meta(out)
     assert meta["kind"] == "quantized" and meta["quant"]["certified"]["eps"] == 0.03
+    assert meta["quant"]["certified"]["method"] == "qa-sabr" and meta["quant"]["certified"]["box"] == 0.3
     twin, _ = load_checkpoint(out)
     assert to_integer(twin.eval(), "reference").program((1, 8, 8)).ops
     for bad in (["--certified-eps", "1.5"], ["--certified-eps", "0"], ["--recipe", "w8a8"],
+                ["--certified-box", "0.3"], ["--certified-eps", "0.1", "--certified-box", "0"],
                 ["--certified-eps", "0.1", "--recipe", "w99"]):
         target = tmp_path / "bad"
         assert main(["-q", "train", "--model", "mlp", "--data", "digits", "--epochs", "1",

@@ -417,7 +417,7 @@ def test_each_milp_level_alone_is_sound(level):
         lin = linear_bounds(bound.chain, x_lo, x_hi, bound.objective)
         others = [j for j in range(query.classes) if j != label]
         status, _ = milp.search(bound.chain, lin.values, label, others,
-                                [j < label for j in others], math.inf, lambda p: None,
+                                [j < label for j in others], math.inf, lambda *_: None,
                                 schedule=((level, math.inf),))
         counts[status] += 1
         if status == "infeasible":
@@ -426,3 +426,49 @@ def test_each_milp_level_alone_is_sound(level):
             part = milp.encode(bound.chain, lin.values, [others[0], label])[2]
             assert all((e is None) == (k not in (others[0], label)) for k, e in enumerate(part))
     assert min(counts.values()) >= 15, counts
+
+
+def test_the_fixed_box_search_is_exact_on_its_sub_box():
+    """The neighbourhood search of the MILP stage (:func:`solve_fixed`): from a point with
+    fractional inputs, the sub-box keeps the fractional pixels free and fixes the others;
+    the exact MILP there returns a misclassified point of the sub-box exactly when
+    enumeration of the sub-box finds a point where class j beats the label."""
+    from qrobust.verify.search import _fixed_box, solve_fixed
+
+    gen = torch.Generator().manual_seed(211)
+    counts = {"found": 0, "none": 0}
+    for _ in range(400):
+        if min(counts.values()) >= 10 and sum(counts.values()) >= 40:
+            break
+        program, image, label, eps = random_query(gen)
+        query = make_query(program, image, label, eps, "first")
+        bound = Bounder.of(query)
+        if bound.chain is None or not bound.integer:
+            continue
+        env = interval_bounds(program, query.lo[None], query.hi[None])
+        lin = linear_bounds(bound.chain, *(v.flatten(1) for v in env[bound.chain.input_slot]),
+                            bound.objective)
+        lo, hi = (v[0].numpy().astype(float) for v in lin.values[0])
+        centred = lo + torch.rand(len(lo), generator=gen, dtype=torch.float64).numpy() * (hi - lo)
+        box = _fixed_box(query, centred)
+        if box is None:
+            continue
+        assert bool(((box[0] >= query.lo) & (box[1] <= query.hi) & (box[0] <= box[1])).all())
+        j = int(_int(gen, 0, query.classes - 1))
+        if j == label:
+            continue
+        found = solve_fixed(query, bound, centred, j, j < label, math.inf)
+        points = enumerate_box(image, eps).view(-1, *image.shape)
+        inside = ((points >= box[0]) & (points <= box[1])).flatten(1).all(1)
+        logits = execute(program, points[inside])["logits"]
+        # class j beats the label (ties to the lowest index, as the executor's argmax)
+        wins = logits[:, j] >= logits[:, label] if j < label else logits[:, j] > logits[:, label]
+        if found is None:
+            counts["none"] += 1
+            assert not bool(wins.any())
+        else:
+            counts["found"] += 1
+            assert bool(wins.any())
+            assert bool(((found >= box[0]) & (found <= box[1])).all())
+            assert bool(misclassified(program, found[None], label).all())
+    assert min(counts.values()) >= 10, counts

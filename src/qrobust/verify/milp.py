@@ -259,7 +259,7 @@ def _problem(chain: Chain, values, label: int, j: int, tie_loses: bool):
 
 
 def search(chain: Chain, values, label: int, others: list[int], lower_index: list[bool],
-           deadline: float, counterexample: Callable[[np.ndarray], T | None],
+           deadline: float, counterexample: Callable[[np.ndarray, int, str], T | None],
            schedule: tuple[tuple[str, float], ...] = SCHEDULE) -> tuple[str, T | None]:
     """Decide the margin problems of classes ``others`` (most promising first). The tries of
     ``schedule`` (:data:`SCHEDULE`) run in turn, each over all open classes before the next
@@ -268,7 +268,8 @@ def search(chain: Chain, values, label: int, others: list[int], lower_index: lis
     branching a signal a pure feasibility problem lacks). A try is skipped for a class with
     a point at that level or a tighter one already. Returns ('infeasible', None) when every
     class is infeasible, ('vulnerable', what ``counterexample`` makes of the first point (its
-    rounded centred input codes) it does not answer None for), ('unknown', None) at the
+    centred input codes, fractional at a relaxed level; the class; the level) it does not
+    answer None for), ('unknown', None) at the
     deadline, on a solver failure, or when classes remain open after the last try."""
     problems, feasible = {}, {}
     for j, tie_loses in zip(others, lower_index, strict=True):
@@ -297,7 +298,7 @@ def search(chain: Chain, values, label: int, others: list[int], lower_index: lis
                     continue  # its seconds ran out, not the deadline's: the class stays open
                 return "unknown", None  # the deadline, or a solver failure
             # a point (HiGHS's "solution limit reached", status 4 to scipy, after the first one)
-            found = counterexample(np.rint(res.x[inputs]))
+            found = counterexample(res.x[inputs], j, level)
             if found is not None:
                 return "vulnerable", found
             feasible[j] = rank

@@ -39,9 +39,10 @@ both logits instead (:class:`Bounder`); intervals compare the executor's float32
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 
 # the descent from each MILP point that the executor does not misclassify (milp_stage)
 DESCENT_SECONDS, DESCENT_STEPS = 2.0, 20
+# the most free pixels of the exact MILP on a relaxed point's neighbourhood (_fixed_box)
+FIXED_BOX_FREE = 64
 
 Status = Literal["robust", "vulnerable", "timeout"]
 # what decided a verdict: the attack, the sound bounds with input splitting, or the MILP stage
@@ -471,6 +474,47 @@ def _pixels(query: Query, centred: torch.Tensor, exact: bool = True) -> torch.Te
     return p if not exact or bool((input_codes(op, p[None])[0] == u).all()) else None
 
 
+def _fixed_box(query: Query, centred: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sub-box of the query's box whose pixels are fixed where the relaxed point's input
+    codes ``centred`` are whole (the neighbourhood a relaxation suggests: RINS / fix-and-solve
+    of MILP heuristics), the others free in their ranges; None when no input is fractional or
+    more than ``FIXED_BOX_FREE`` are (an exact MILP over that many pixels rarely ends)."""
+    fractional = torch.from_numpy(np.abs(centred - np.rint(centred)) > 1e-6).view_as(query.lo)
+    if not 0 < int(fractional.sum()) <= FIXED_BOX_FREE:
+        return None
+    whole = _pixels(query, torch.from_numpy(np.rint(centred)).long(), exact=False)
+    return torch.where(fractional, query.lo, whole), torch.where(fractional, query.hi, whole)
+
+
+def solve_fixed(query: Query, bound: Bounder, centred: np.ndarray, j: int, tie_loses: bool,
+                deadline: float) -> torch.Tensor | None:
+    """Pixel codes of the box that the executor misclassifies as class j, found by the exact
+    MILP on the sub-box :func:`_fixed_box` of the relaxed point ``centred`` (bounds
+    recomputed there, so most neurons are constants), or None (no such sub-box, none in it,
+    or the deadline)."""
+    from qrobust.verify import milp
+
+    box = _fixed_box(query, centred)
+    if box is None:
+        return None
+    sub = replace(query, lo=box[0], hi=box[1])
+    env = interval_bounds(sub.program, sub.lo[None], sub.hi[None])
+    chain = bound.chain
+    values = linear_bounds(chain, *(v.flatten(1) for v in env[chain.input_slot]),
+                           bound.objective).values
+    _, found = milp.search(chain, values, query.label, [j], [tie_loses], deadline,
+                           lambda x, *_: _misclassified(sub, x), schedule=(("inputs", math.inf),))
+    return found
+
+
+def _misclassified(query: Query, centred: np.ndarray) -> torch.Tensor | None:
+    """The pixels of exact input codes ``centred`` if the executor misclassifies them."""
+    pixels = _pixels(query, torch.from_numpy(np.rint(centred)).long())
+    if pixels is None or not bool(margins(query.program, pixels[None], query.label, query.ties)[1][0]):
+        return None
+    return pixels
+
+
 def milp_stage(query: Query, bound: Bounder, deadline: float
                ) -> tuple[Status | None, torch.Tensor | None]:
     """The exact MILP of an MLP program over the whole box (:mod:`qrobust.verify.milp`):
@@ -493,17 +537,22 @@ def milp_stage(query: Query, bound: Bounder, deadline: float
     others = [j for j in range(query.classes) if j != query.label]
 
     chain = bound.chain
+    ties = {others[r]: bool(bound.lower_index[r]) for r in rows}
 
-    def counterexample(centred: np.ndarray) -> torch.Tensor | None:
+    def counterexample(centred: np.ndarray, j: int, level: str) -> torch.Tensor | None:
         """A MILP point's pixels if the executor misclassifies them, else what a short
-        descent from them finds (a relaxation's point is often a few pixels off one)."""
-        pixels = _pixels(query, torch.from_numpy(centred).long(), exact=False)
+        descent from them finds (a relaxation's point is often a few pixels off one), else,
+        for a point with the rounding codes integer, what the exact MILP finds on the box
+        with the point's whole-valued inputs fixed (:func:`_fixed_box`)."""
+        pixels = _pixels(query, torch.from_numpy(np.rint(centred)).long(), exact=False)
         end = min(deadline, time.perf_counter() + DESCENT_SECONDS)
-        return descend(query, pixels, end, chain, steps=DESCENT_STEPS)
+        found = descend(query, pixels, end, chain, steps=DESCENT_STEPS)
+        if found is not None or level != "codes":
+            return found
+        return solve_fixed(query, bound, centred, j, ties[j], deadline)
 
     status, found = milp.search(chain, lin.values, query.label, [others[r] for r in rows],
-                                [bool(bound.lower_index[r]) for r in rows], deadline,
-                                counterexample)
+                                [ties[others[r]] for r in rows], deadline, counterexample)
     if status == "infeasible":
         return "robust", None
     if status == "vulnerable":
