@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import statistics
 import sys
 import time
@@ -107,6 +108,13 @@ def verify_model(program, x: torch.Tensor, y: torch.Tensor, eps_codes, timeout: 
     return out
 
 
+def dumps(report: dict) -> str:
+    """Indented JSON with every list of integers (a counterexample's 784 pixels) on one line:
+    a third of the size of plain indentation."""
+    return re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]",
+                  lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", json.dumps(report, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("train", "verify"))
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         report["models"][name]["seconds"] = round(time.perf_counter() - start, 1)
         report["provenance"] = provenance()
         tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
+        tmp.write_text(dumps(report))
         tmp.rename(args.out)
     return 0
 

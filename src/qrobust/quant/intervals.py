@@ -170,6 +170,8 @@ def margin_lower_bounds(twin: fx.GraphModule, lo: torch.Tensor, hi: torch.Tensor
     input is pushed through the difference of the two weight rows, so what the two logits
     share cancels. Tighter than ``lo[y] - hi[k]``; falls back to that when the logits are not
     a linear layer's output."""
+    if not isinstance(twin, fx.GraphModule):
+        raise ConfigError("interval bounds need a quantized twin (qrobust.quant.quantize)")
     final = _final_linear(twin)
     if final is None:
         out_lo, out_hi = interval_forward(twin, lo, hi)

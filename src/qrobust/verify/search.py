@@ -522,8 +522,9 @@ def milp_stage(query: Query, bound: Bounder, deadline: float
     when it cannot decide (not an MLP with one output scale, the deadline, or a point of the
     exact loosened program that is not misclassified and from which :func:`descend` finds
     none either). Every point HiGHS finds, exact or of a relaxation, is rounded into the box
-    and descended from for at most ``DESCENT_SECONDS``: counterexamples come only from the
-    executor, so this is a search heuristic and no part of any proof."""
+    and descended from for at most ``DESCENT_SECONDS``, and a point of the ``codes`` level
+    searched around with :func:`solve_fixed`: counterexamples come only from the executor,
+    so this is a search heuristic and no part of any proof."""
     from qrobust.verify import milp  # scipy's HiGHS: loaded only when a query needs it
 
     if not exact_milp(query.program, bound.chain) or not bound.integer:
