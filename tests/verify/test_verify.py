@@ -44,7 +44,7 @@ from qrobust.verify.bounds import (
     step_of_relu,
     step_of_requant,
 )
-from qrobust.verify.search import Bounder, make_query
+from qrobust.verify.search import Bounder, box_bounds, make_query
 
 MAX_POINTS = 4096
 INPUT_STD = 1.0  # the input spread the first requantization is sized for (pixel codes)
@@ -412,9 +412,7 @@ def test_each_milp_level_alone_is_sound(level):
         bound = Bounder.of(query)
         if bound.chain is None or not bound.integer:
             continue
-        env = interval_bounds(program, query.lo[None], query.hi[None])
-        x_lo, x_hi = (v.flatten(1) for v in env[bound.chain.input_slot])
-        lin = linear_bounds(bound.chain, x_lo, x_hi, bound.objective)
+        lin = box_bounds(query, bound)[1]
         others = [j for j in range(query.classes) if j != label]
         status, _ = milp.search(bound.chain, lin.values, label, others,
                                 [j < label for j in others], math.inf, lambda *_: None,
@@ -445,10 +443,7 @@ def test_the_fixed_box_search_is_exact_on_its_sub_box():
         bound = Bounder.of(query)
         if bound.chain is None or not bound.integer:
             continue
-        env = interval_bounds(program, query.lo[None], query.hi[None])
-        lin = linear_bounds(bound.chain, *(v.flatten(1) for v in env[bound.chain.input_slot]),
-                            bound.objective)
-        lo, hi = (v[0].numpy().astype(float) for v in lin.values[0])
+        lo, hi = (v[0].numpy().astype(float) for v in box_bounds(query, bound)[1].values[0])
         centred = lo + torch.rand(len(lo), generator=gen, dtype=torch.float64).numpy() * (hi - lo)
         box = _fixed_box(query, centred)
         if box is None:

@@ -122,12 +122,20 @@ def interval_forward(twin: fx.GraphModule, lo: torch.Tensor, hi: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds of ``twin``'s outputs over the box ``[lo, hi]`` of images
     (N, C, H, W) in [0, 1]; differentiable with respect to the twin's weights."""
+    out, _ = _interpret(twin, lo, hi)
+    return out.lo, out.hi
+
+
+def _interpret(twin: fx.GraphModule, lo: torch.Tensor, hi: torch.Tensor, keep: bool = False
+               ) -> tuple[Bounds, _IntervalInterpreter]:
+    """The output bounds and the interpreter that made them (``keep``: with every node's
+    bounds still in its ``env``)."""
     if not isinstance(twin, fx.GraphModule):
         raise ConfigError("interval bounds need a quantized twin (qrobust.quant.quantize)")
     if bool((lo > hi).any()):
         raise ConfigError("interval bounds: a lower bound exceeds its upper bound")
-    out = _IntervalInterpreter(twin).run(Bounds(lo, hi))
-    return out.lo, out.hi
+    run = _IntervalInterpreter(twin, garbage_collect_values=not keep)
+    return run.run(Bounds(lo, hi)), run
 
 
 # ops between the last linear layer and the output that leave the values unchanged
@@ -170,16 +178,10 @@ def margin_lower_bounds(twin: fx.GraphModule, lo: torch.Tensor, hi: torch.Tensor
     input is pushed through the difference of the two weight rows, so what the two logits
     share cancels. Tighter than ``lo[y] - hi[k]``; falls back to that when the logits are not
     a linear layer's output."""
-    if not isinstance(twin, fx.GraphModule):
-        raise ConfigError("interval bounds need a quantized twin (qrobust.quant.quantize)")
+    out, run = _interpret(twin, lo, hi, keep=True)
     final = _final_linear(twin)
     if final is None:
-        out_lo, out_hi = interval_forward(twin, lo, hi)
-        return out_lo.gather(1, y[:, None]) - out_hi
-    if bool((lo > hi).any()):
-        raise ConfigError("interval bounds: a lower bound exceeds its upper bound")
-    run = _IntervalInterpreter(twin, garbage_collect_values=False)
-    run.run(Bounds(lo, hi))
+        return out.lo.gather(1, y[:, None]) - out.hi
     x, weight, bias = _affine(twin.get_submodule(final.target), run.env[final.args[0]])
     diff = weight[y][:, None, :] - weight[None]  # (N, classes, features)
     margin = (torch.einsum("nkf,nf->nk", diff.clamp(min=0), x.lo.flatten(1).to(diff.dtype))

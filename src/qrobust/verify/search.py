@@ -474,6 +474,14 @@ def _pixels(query: Query, centred: torch.Tensor, exact: bool = True) -> torch.Te
     return p if not exact or bool((input_codes(op, p[None])[0] == u).all()) else None
 
 
+def box_bounds(query: Query, bound: Bounder):
+    """(interval environment, linear bounds) of the query's whole box, for an MLP chain:
+    what the MILP encodes (``.values``) and the margins it still has to decide."""
+    env = interval_bounds(query.program, query.lo[None], query.hi[None])
+    x_lo, x_hi = (v.flatten(1) for v in env[bound.chain.input_slot])
+    return env, linear_bounds(bound.chain, x_lo, x_hi, bound.objective)
+
+
 def _fixed_box(query: Query, centred: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The sub-box of the query's box whose pixels are fixed where the relaxed point's input
     codes ``centred`` are whole (the neighbourhood a relaxation suggests: RINS / fix-and-solve
@@ -498,12 +506,9 @@ def solve_fixed(query: Query, bound: Bounder, centred: np.ndarray, j: int, tie_l
     if box is None:
         return None
     sub = replace(query, lo=box[0], hi=box[1])
-    env = interval_bounds(sub.program, sub.lo[None], sub.hi[None])
-    chain = bound.chain
-    values = linear_bounds(chain, *(v.flatten(1) for v in env[chain.input_slot]),
-                           bound.objective).values
-    _, found = milp.search(chain, values, query.label, [j], [tie_loses], deadline,
-                           lambda x, *_: _misclassified(sub, x), schedule=(("inputs", math.inf),))
+    _, found = milp.search(bound.chain, box_bounds(sub, bound)[1].values, query.label, [j],
+                           [tie_loses], deadline, lambda x, *_: _misclassified(sub, x),
+                           schedule=(("inputs", math.inf),))
     return found
 
 
@@ -529,9 +534,7 @@ def milp_stage(query: Query, bound: Bounder, deadline: float
 
     if not exact_milp(query.program, bound.chain) or not bound.integer:
         return None, None
-    env = interval_bounds(query.program, query.lo[None], query.hi[None])
-    x_lo, x_hi = (v.flatten(1) for v in env[bound.chain.input_slot])
-    lin = linear_bounds(bound.chain, x_lo, x_hi, bound.objective)
+    env, lin = box_bounds(query, bound)
     proved = (bound.linear_rows(lin.lower) | bound.interval_rows(*env["output"]))[0]
     slack = lin.lower[0] - bound.threshold
     rows = sorted((~proved).nonzero().squeeze(1).tolist(), key=lambda r: float(slack[r]))
