@@ -67,8 +67,9 @@ log = logging.getLogger(__name__)
 
 # the descent from each MILP point that the executor does not misclassify (milp_stage)
 DESCENT_SECONDS, DESCENT_STEPS = 2.0, 20
-# the most free pixels of the exact MILP on a relaxed point's neighbourhood (_fixed_box)
-FIXED_BOX_FREE = 64
+# the most free pixels of the exact MILP on a relaxed point's neighbourhood (_fixed_box), and
+# the most nested sub-boxes of one dive (solve_fixed)
+FIXED_BOX_FREE, DIVE_DEPTH = 64, 8
 
 Status = Literal["robust", "vulnerable", "timeout"]
 # what decided a verdict: the attack, the sound bounds with input splitting, or the MILP stage
@@ -496,20 +497,52 @@ def _fixed_box(query: Query, centred: np.ndarray) -> tuple[torch.Tensor, torch.T
 
 def solve_fixed(query: Query, bound: Bounder, centred: np.ndarray, j: int, tie_loses: bool,
                 deadline: float) -> torch.Tensor | None:
-    """Pixel codes of the box that the executor misclassifies as class j, found by the exact
-    MILP on the sub-box :func:`_fixed_box` of the relaxed point ``centred`` (bounds
-    recomputed there, so most neurons are constants), or None (no such sub-box, none in it,
-    or the deadline)."""
+    """Pixel codes of the box that the executor misclassifies, found for class j (a rounded
+    relaxed point on the way may lose to another class), or None (no sub-box, no point of
+    class j in it, or the deadline): a dive of fix-and-solve. The sub-box :func:`_fixed_box` of
+    the relaxed point ``centred`` gets the relaxation with integer codes again (bounds
+    recomputed there, so most neurons are constants: a fraction of a second); its point fixes
+    more pixels, and so on while the free pixels get fewer (at most ``DIVE_DEPTH`` boxes; a
+    box whose relaxation is infeasible holds no counterexample and is dropped). Then the exact
+    MILP runs on the boxes from the smallest up, each but the largest for at most half the
+    time left: on the hardest benchmark query the dive goes from 30 free pixels to 16, where
+    the exact MILP takes 1 s instead of 53."""
     from qrobust.verify import milp
 
-    box = _fixed_box(query, centred)
-    if box is None:
-        return None
-    sub = replace(query, lo=box[0], hi=box[1])
-    _, found = milp.search(bound.chain, box_bounds(sub, bound)[1].values, query.label, [j],
-                           [tie_loses], deadline, lambda x, *_: _misclassified(sub, x),
-                           schedule=(("inputs", math.inf),))
-    return found
+    def solve(box, level: str, until: float):
+        sub = replace(query, lo=box[0], hi=box[1])
+        return sub, milp.search(bound.chain, box_bounds(sub, bound)[1].values, query.label, [j],
+                                [tie_loses], until, lambda x, *_: x, schedule=((level, math.inf),))
+
+    found = _misclassified(query, centred)  # first the point rounded: where class j wins on
+    if found is not None:  # the whole box the MILP has no problem to solve
+        return found
+    boxes, box = [], _fixed_box(query, centred)
+    while box is not None and len(boxes) < DIVE_DEPTH and time.perf_counter() < deadline:
+        sub, (status, point) = solve(box, "codes", deadline)
+        if status == "infeasible":
+            break
+        boxes.append(box)
+        if point is None:
+            break
+        found = _misclassified(sub, point)
+        if found is not None:
+            return found
+        box = _fixed_box(sub, point)
+        if box is not None and _free(box) >= _free(boxes[-1]):
+            break
+    for k, box in enumerate(reversed(boxes)):
+        left = deadline - time.perf_counter()
+        until = deadline if k == len(boxes) - 1 else time.perf_counter() + left / 2
+        sub, (status, point) = solve(box, "inputs", until)
+        found = None if point is None else _misclassified(sub, point)
+        if found is not None:
+            return found
+    return None
+
+
+def _free(box: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return int((box[0] != box[1]).sum())
 
 
 def _misclassified(query: Query, centred: np.ndarray) -> torch.Tensor | None:
