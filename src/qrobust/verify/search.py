@@ -509,40 +509,41 @@ def solve_fixed(query: Query, bound: Bounder, centred: np.ndarray, j: int, tie_l
     the exact MILP takes 1 s instead of 53."""
     from qrobust.verify import milp
 
-    def solve(box, level: str, until: float):
+    def sub_query(box) -> tuple[Query, list]:  # the sub-box's query and its bounds, once
         sub = replace(query, lo=box[0], hi=box[1])
-        return sub, milp.search(bound.chain, box_bounds(sub, bound)[1].values, query.label, [j],
-                                [tie_loses], until, lambda x, *_: x, schedule=((level, math.inf),))
+        return sub, box_bounds(sub, bound)[1].values
+
+    def solve(sub_values, level: str, until: float):
+        return milp.search(bound.chain, sub_values[1], query.label, [j], [tie_loses], until,
+                           lambda x, *_: x, schedule=((level, math.inf),))
 
     found = _misclassified(query, centred)  # first the point rounded: where class j wins on
     if found is not None:  # the whole box the MILP has no problem to solve
         return found
     boxes, box = [], _fixed_box(query, centred)
     while box is not None and len(boxes) < DIVE_DEPTH and time.perf_counter() < deadline:
-        sub, (status, point) = solve(box, "codes", deadline)
+        sub_values = sub_query(box)
+        status, point = solve(sub_values, "codes", deadline)
         if status == "infeasible":
             break
-        boxes.append(box)
+        boxes.append(sub_values)
         if point is None:
             break
+        sub = sub_values[0]
         found = _misclassified(sub, point)
         if found is not None:
             return found
         box = _fixed_box(sub, point)
-        if box is not None and _free(box) >= _free(boxes[-1]):
+        if box is not None and int((box[0] != box[1]).sum()) >= int((sub.lo != sub.hi).sum()):
             break
-    for k, box in enumerate(reversed(boxes)):
+    for k, sub_values in enumerate(reversed(boxes)):
         left = deadline - time.perf_counter()
         until = deadline if k == len(boxes) - 1 else time.perf_counter() + left / 2
-        sub, (status, point) = solve(box, "inputs", until)
-        found = None if point is None else _misclassified(sub, point)
+        status, point = solve(sub_values, "inputs", until)
+        found = None if point is None else _misclassified(sub_values[0], point)
         if found is not None:
             return found
     return None
-
-
-def _free(box: tuple[torch.Tensor, torch.Tensor]) -> int:
-    return int((box[0] != box[1]).sum())
 
 
 def _misclassified(query: Query, centred: np.ndarray) -> torch.Tensor | None:
